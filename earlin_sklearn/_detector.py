@@ -1,0 +1,204 @@
+"""ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
+
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.pipeline import Pipeline
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._distance import METRICS, DistanceDetector
+from ._features import POOLINGS, BackboneFeatures
+from ._inputs import is_torch_data
+from ._selection import CRITERIA, ChannelSelector
+
+
+class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
+    """Early OOD detection from a shallow layer of a frozen CNN (EARLIN).
+
+    Taps ``layer`` of the backbone, pools each channel's feature map to a
+    number, keeps the most informative channels and scores an input by its
+    distance to the ID centroids in that reduced space. The threshold comes
+    from ID training data only; no OOD data and no retraining are needed.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+        The pretrained model; copied and frozen, never modified.
+    layer : str
+        Dotted name of the detection layer, as in ``backbone.named_modules()``.
+    n_channels : int, float or "all", default="all"
+        Channels kept (see :class:`ChannelSelector`).
+    criterion : {"auto", "variance", "fisher"}, default="auto"
+        Channel-selection criterion (see :class:`ChannelSelector`).
+    pooling : {"mean", "max", "meanstd"}, default="mean"
+        Per-channel reduction (see :class:`BackboneFeatures`).
+    metric : {"mahalanobis", "euclidean", "cosine"}, default="mahalanobis"
+        Distance (see :class:`DistanceDetector`).
+    class_conditional : {"auto", True, False}, default="auto"
+        Class centroids when labels are available (see :class:`DistanceDetector`).
+    target_tpr : float, default=0.95
+        Fraction of ID training inputs accepted as ID.
+    batch_size : int, default=128
+        Images per forward pass (and the batch size of a Dataset's loader).
+    device : str or torch.device, default="auto"
+        Where the backbone runs; ``"auto"`` picks CUDA when available.
+    verbose : int, default=0
+        ``verbose > 0`` shows a progress bar during feature extraction.
+
+    Attributes
+    ----------
+    pipeline_ : sklearn.pipeline.Pipeline
+        The fitted steps ``features`` (:class:`BackboneFeatures`), ``select``
+        (:class:`ChannelSelector`) and ``distance`` (:class:`DistanceDetector`);
+        works on arrays.
+    offset_ : float
+        Threshold on ``score_samples``.
+    n_features_in_ : int
+        Number of input channels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    >>> X = torch.rand(100, 3, 16, 16)
+    >>> det = ShallowFeatureOODDetector(net, layer="1", metric="euclidean").fit(X)
+    >>> det.predict(X[:4]).tolist(), det.predict(X[:4] * 50).tolist()
+    ([1, 1, 1, 1], [-1, -1, -1, -1])
+    """
+
+    _parameter_constraints = {
+        "backbone": [torch.nn.Module],
+        "layer": [str],
+        "n_channels": [
+            Interval(Integral, 1, None, closed="left"),
+            Interval(Real, 0, 1, closed="right"),
+            StrOptions({"all"}),
+        ],
+        "criterion": [StrOptions(set(CRITERIA))],
+        "pooling": [StrOptions(set(POOLINGS))],
+        "metric": [StrOptions(set(METRICS))],
+        "class_conditional": [StrOptions({"auto"}), "boolean"],
+        "target_tpr": [Interval(Real, 0, 1, closed="right")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        backbone,
+        layer,
+        *,
+        n_channels="all",
+        criterion="auto",
+        pooling="mean",
+        metric="mahalanobis",
+        class_conditional="auto",
+        target_tpr=0.95,
+        batch_size=128,
+        device="auto",
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.layer = layer
+        self.n_channels = n_channels
+        self.criterion = criterion
+        self.pooling = pooling
+        self.metric = metric
+        self.class_conditional = class_conditional
+        self.target_tpr = target_tpr
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit on in-distribution data.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+            ID training images. A Dataset or DataLoader may yield ``x`` or
+            ``(x, y)`` batches; their labels are used as ``y``.
+        y : array-like of shape (N,), default=None
+            ID class labels (overrides labels from a loader). Optional.
+
+        Returns
+        -------
+        self : object
+        """
+        features = BackboneFeatures(
+            self.backbone,
+            self.layer,
+            pooling=self.pooling,
+            batch_size=self.batch_size,
+            device=self.device,
+            verbose=self.verbose,
+        ).fit(X)
+        F, loader_y = features.features_and_labels(X)
+        if y is None:
+            y = loader_y
+        select = ChannelSelector(n_channels=self.n_channels, criterion=self.criterion).fit(F, y)
+        distance = DistanceDetector(
+            metric=self.metric, class_conditional=self.class_conditional, target_tpr=self.target_tpr
+        ).fit(select.transform(F), y)
+        self.pipeline_ = Pipeline([("features", features), ("select", select), ("distance", distance)])
+        self.n_features_in_ = features.n_features_in_
+        if hasattr(features, "feature_names_in_"):
+            self.feature_names_in_ = features.feature_names_in_
+        self.offset_ = distance.offset_
+        return self
+
+    def score_samples(self, X):
+        """Higher = more in-distribution (negative distance to the nearest centroid).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+
+        Returns
+        -------
+        scores : ndarray of shape (N,)
+        """
+        check_is_fitted(self)
+        if is_torch_data(X):
+            return self.pipeline_[1:].score_samples(self.pipeline_[0].transform(X))
+        return self.pipeline_.score_samples(X)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for OOD.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+
+        Returns
+        -------
+        decision : ndarray of shape (N,)
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for in-distribution (upload), -1 for out-of-distribution (reject).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+
+        Returns
+        -------
+        labels : ndarray of shape (N,), int
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.target_tags.required = False
+        return tags

@@ -1,0 +1,197 @@
+"""Distance scoring: how far an input's reduced features lie from the ID centroids."""
+
+from numbers import Real
+
+import numpy as np
+from scipy.linalg import pinvh
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.covariance import LedoitWolf
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+METRICS = ("mahalanobis", "euclidean", "cosine")
+
+
+def min_centroid_distance(X, centroids, metric, precision=None):
+    """Distance from each row of ``X`` to its nearest centroid.
+
+    Mahalanobis uses ``d^2 = x'Px - 2 x'P mu + mu'P mu`` so that all classes
+    cost one matrix product; the edge module computes the same expression.
+
+    Returns
+    -------
+    distance : ndarray of shape (n_samples,)
+    nearest : ndarray of shape (n_samples,)
+        Index of the nearest centroid.
+    """
+    if metric == "cosine":
+        Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        Cn = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        d = 1.0 - Xn @ Cn.T
+    else:
+        P = np.eye(X.shape[1]) if precision is None else precision
+        XP = X @ P
+        d2 = (XP * X).sum(axis=1)[:, None] - 2.0 * XP @ centroids.T + ((centroids @ P) * centroids).sum(axis=1)[None, :]
+        d = np.sqrt(np.maximum(d2, 0.0))
+    nearest = d.argmin(axis=1)
+    return d[np.arange(d.shape[0]), nearest], nearest
+
+
+def offset_for_tpr(scores, target_tpr):
+    """Threshold that accepts (score >= threshold) at least ``target_tpr`` of ``scores``.
+
+    It lies halfway between the highest rejected and the lowest accepted
+    training score rather than on a training score, so float rounding of
+    the order of 1e-7 (float32 features computed in another batch size, or on
+    the edge device) cannot flip a training sample's decision.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n_reject = int(np.floor(s.size * (1.0 - target_tpr) + 1e-9))
+    if n_reject == 0:
+        return float(s[0] - max(1e-9, 1e-6 * abs(s[0])))
+    return float(0.5 * (s[n_reject - 1] + s[n_reject]))
+
+
+class DistanceDetector(OutlierMixin, BaseEstimator):
+    """OOD detector on reduced features: distance to the nearest ID centroid.
+
+    With class labels the centroids are the class means (distance to the
+    nearest one), without them a single global mean. The threshold comes from
+    ID training data only: ``offset_`` is set so that a ``target_tpr`` fraction
+    of the training samples are accepted as ID.
+
+    Parameters
+    ----------
+    metric : {"mahalanobis", "euclidean", "cosine"}, default="mahalanobis"
+        Mahalanobis uses one covariance shared by all classes (tied, as in
+        Lee et al. 2018), estimated with Ledoit-Wolf shrinkage and inverted
+        with a pseudo-inverse, so it never fails on singular or tiny data.
+    class_conditional : {"auto", True, False}, default="auto"
+        Class centroids (``True``: ``y`` required), a global centroid
+        (``False``: ``y`` ignored), or class centroids when ``y`` is given.
+    target_tpr : float, default=0.95
+        Fraction of ID training samples accepted as ID by ``predict``.
+
+    Attributes
+    ----------
+    centroids_ : ndarray of shape (n_centroids, n_features_in_)
+    classes_ : ndarray of shape (n_centroids,) or None
+        Class of each centroid; None with a global centroid.
+    precision_ : ndarray of shape (n_features_in_, n_features_in_) or None
+        Inverse shared covariance (Mahalanobis only).
+    offset_ : float
+        Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from earlin_sklearn import DistanceDetector
+    >>> X = np.random.RandomState(0).randn(200, 3)
+    >>> det = DistanceDetector(metric="euclidean").fit(X)
+    >>> det.predict([[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]])
+    array([ 1, -1])
+    """
+
+    _parameter_constraints = {
+        "metric": [StrOptions(set(METRICS))],
+        "class_conditional": [StrOptions({"auto"}), "boolean"],
+        "target_tpr": [Interval(Real, 0, 1, closed="right")],
+    }
+
+    def __init__(self, metric="mahalanobis", class_conditional="auto", target_tpr=0.95):
+        self.metric = metric
+        self.class_conditional = class_conditional
+        self.target_tpr = target_tpr
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Estimate centroids (and covariance), then the threshold.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Reduced features of ID training data.
+        y : array-like of shape (n_samples,), default=None
+            ID class labels.
+
+        Returns
+        -------
+        self : object
+        """
+        X = validate_data(self, X, reset=True, dtype=np.float64)
+        use_classes = self.class_conditional is True or (self.class_conditional == "auto" and y is not None)
+        if use_classes:
+            if y is None:
+                raise ValueError("class_conditional=True needs class labels y.")
+            y = np.asarray(y).reshape(-1)
+            if y.shape[0] != X.shape[0]:
+                raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
+            check_classification_targets(y)
+            self.classes_, y_idx = np.unique(y, return_inverse=True)
+            counts = np.bincount(y_idx).astype(np.float64)
+            self.centroids_ = np.zeros((self.classes_.size, X.shape[1]))
+            np.add.at(self.centroids_, y_idx, X)
+            self.centroids_ /= counts[:, None]
+        else:
+            self.classes_ = None
+            y_idx = np.zeros(X.shape[0], dtype=np.intp)
+            self.centroids_ = X.mean(axis=0, keepdims=True)
+        self.precision_ = None
+        if self.metric == "mahalanobis":
+            residuals = X - self.centroids_[y_idx]
+            covariance = LedoitWolf(assume_centered=True).fit(residuals).covariance_
+            self.precision_ = pinvh(covariance)
+        self.offset_ = offset_for_tpr(self._scores(X), self.target_tpr)
+        return self
+
+    def _scores(self, X):
+        distance, _ = min_centroid_distance(X, self.centroids_, self.metric, self.precision_)
+        return -distance
+
+    def score_samples(self, X):
+        """Negative distance to the nearest centroid: higher = more in-distribution.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self._scores(X)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for OOD.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,)
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for in-distribution, -1 for out-of-distribution.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        return tags

@@ -1,0 +1,150 @@
+"""Channel selection: keep the most informative pooled channels, chosen from ID data only."""
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.feature_selection import SelectorMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+CRITERIA = ("auto", "variance", "fisher")
+
+
+def variance_score(X):
+    """Label-free: each channel's variance over the ID samples.
+
+    A channel that barely moves over the ID data carries no information to
+    tell one input from another.
+    """
+    return X.var(axis=0)
+
+
+def fisher_score(X, y):
+    """With labels: between-class variance of the channel's class means divided
+    by its mean within-class variance (the Fisher score).
+
+    Channels that separate the ID classes are the ones a class-conditional
+    distance relies on.
+    """
+    classes, y_idx = np.unique(y, return_inverse=True)
+    counts = np.bincount(y_idx).astype(np.float64)
+    means = np.zeros((classes.size, X.shape[1]))
+    np.add.at(means, y_idx, X)
+    means /= counts[:, None]
+    overall = X.mean(axis=0)
+    between = (counts[:, None] * (means - overall) ** 2).sum(axis=0) / X.shape[0]
+    within = ((X - means[y_idx]) ** 2).sum(axis=0) / X.shape[0]
+    return between / (within + np.finfo(np.float64).eps * (1.0 + overall**2))
+
+
+class ChannelSelector(SelectorMixin, BaseEstimator):
+    """Keep the most informative channels, scored on ID training data only.
+
+    Parameters
+    ----------
+    n_channels : int, float or "all", default="all"
+        How many columns to keep: a count (capped at the number of columns,
+        with a warning), a fraction in (0, 1] of the columns, or all of them.
+    criterion : {"auto", "variance", "fisher"}, default="auto"
+        ``"variance"`` needs no labels (each channel's variance over the ID
+        data); ``"fisher"`` needs class labels (between-class over within-class
+        variance). ``"auto"`` uses ``"fisher"`` when ``y`` with two or more
+        classes is given, ``"variance"`` otherwise.
+
+    Attributes
+    ----------
+    scores_ : ndarray of shape (n_features_in_,)
+        The criterion's score of each column (higher = more informative).
+    channels_ : ndarray of shape (n_selected,)
+        Indices of the kept columns, in ascending order.
+    criterion_ : str
+        The criterion actually used.
+    n_features_in_ : int
+        Number of columns seen in ``fit``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from earlin_sklearn import ChannelSelector
+    >>> X = np.random.RandomState(0).rand(20, 5) * [1, 5, 1, 9, 1]
+    >>> ChannelSelector(n_channels=2, criterion="variance").fit(X).channels_
+    array([1, 3])
+    """
+
+    _parameter_constraints = {
+        "n_channels": [
+            Interval(Integral, 1, None, closed="left"),
+            Interval(Real, 0, 1, closed="right"),
+            StrOptions({"all"}),
+        ],
+        "criterion": [StrOptions(set(CRITERIA))],
+    }
+
+    def __init__(self, n_channels="all", criterion="auto"):
+        self.n_channels = n_channels
+        self.criterion = criterion
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Score the columns and keep the best ``n_channels``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Pooled features of ID data.
+        y : array-like of shape (n_samples,), default=None
+            ID class labels; required by ``criterion="fisher"``.
+
+        Returns
+        -------
+        self : object
+        """
+        X = validate_data(self, X, reset=True, dtype=np.float64)
+        criterion = self.criterion
+        if y is not None:
+            y = np.asarray(y).reshape(-1)
+            if y.shape[0] != X.shape[0]:
+                raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
+            check_classification_targets(y)
+        if criterion == "auto":
+            criterion = "fisher" if y is not None and np.unique(y).size > 1 else "variance"
+        if criterion == "fisher":
+            if y is None:
+                raise ValueError('criterion="fisher" needs class labels y; use "variance" without labels.')
+            self.scores_ = fisher_score(X, y)
+        else:
+            self.scores_ = variance_score(X)
+        self.criterion_ = criterion
+        k = self._n_selected(X.shape[1])
+        order = np.argsort(-self.scores_, kind="stable")
+        self.channels_ = np.sort(order[:k])
+        return self
+
+    def _n_selected(self, n_features):
+        n = self.n_channels
+        if n == "all":
+            return n_features
+        if isinstance(n, Integral) and not isinstance(n, bool):
+            if n > n_features:
+                warnings.warn(
+                    f"n_channels={n} is more than the {n_features} columns; all are kept.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return n_features
+            return int(n)
+        return max(1, int(round(float(n) * n_features)))
+
+    def _get_support_mask(self):
+        check_is_fitted(self)
+        mask = np.zeros(self.n_features_in_, dtype=bool)
+        mask[self.channels_] = True
+        return mask
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        return tags

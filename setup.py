@@ -1,0 +1,48 @@
+"""Install entry point of earlin_sklearn (see README.rst)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = next(
+    line.split('"')[1]
+    for line in (HERE / "earlin_sklearn" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
+)
+
+setup(
+    name="earlin_sklearn",
+    version=VERSION,
+    description="Early out-of-distribution detection from a shallow layer of a frozen CNN, "
+    "as scikit-learn estimators, with the edge/cloud split of the model.",
+    long_description=(HERE / "README.rst").read_text(),
+    long_description_content_type="text/x-rst",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["earlin_sklearn", "earlin_sklearn.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.23",
+        "scipy>=1.9",
+        "scikit-learn>=1.6",
+        # torch and torchvision must come as a matching pair (torchvision's C++ ops are
+        # built against one torch release); pip resolves the pair from these ranges.
+        "torch>=2.2",
+        "torchvision>=0.17",
+        "joblib>=1.2",
+        # progress bars on long loops (verbose > 0)
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],
+        "plot": ["matplotlib>=3.6"],
+        "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6"],
+    },
+    entry_points={"console_scripts": ["earlin=earlin_sklearn.__main__:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: BSD License",
+    ],
+)

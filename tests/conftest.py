@@ -1,0 +1,75 @@
+"""Tiny seeded backbones and synthetic images: no downloads, no shared data."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+class AnyInputNet(nn.Module):
+    """Accepts (N, F) or (N, C, H, W) with any C: a fixed (parameter-free) 1x1
+    mixing to ``width`` channels, a ReLU (tap ``"act"``), then a small conv head.
+
+    scikit-learn's common checks feed 2-D arrays of varying widths, so the
+    first mixing is computed from the input width instead of being learned.
+    """
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.width = width
+        self.act = nn.ReLU()
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x[:, :, None, None]
+        idx = torch.arange(self.width * x.shape[1], dtype=x.dtype, device=x.device)
+        mix = torch.cos(0.7 * idx + 0.3).view(self.width, x.shape[1], 1, 1)
+        return self.head(self.act(torch.nn.functional.conv2d(x, mix)))
+
+
+class TinyCNN(nn.Module):
+    """A 3-channel CNN with a stem, two stages and a classifier (like a mini ResNet)."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def make_tiny_cnn(seed=0, n_classes=3):
+    torch.manual_seed(seed)
+    net = TinyCNN(n_classes)
+    with torch.no_grad():  # non-trivial BN statistics
+        net.stem[1].running_mean.uniform_(-0.1, 0.1)
+        net.stem[1].running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def make_images(n=90, n_classes=3, size=12, seed=0):
+    """Class-dependent smooth images (N, 3, size, size), float32, with labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_classes
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin((c + 1) * 3 * xx + c) * np.cos((c + 2) * 2 * yy) for c in range(n_classes)])
+    X = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        X[i] = base[y[i]][None] * np.array([1.0, 0.6, 0.3])[:, None, None] + 0.2 * rng.standard_normal((3, size, size))
+    return X, y
+
+
+@pytest.fixture
+def tiny_cnn():
+    return make_tiny_cnn()
+
+
+@pytest.fixture
+def images():
+    return make_images()
