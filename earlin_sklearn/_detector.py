@@ -40,7 +40,10 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
     class_conditional : {"auto", True, False}, default="auto"
         Class centroids when labels are available (see :class:`DistanceDetector`).
     target_tpr : float, default=0.95
-        Fraction of ID training inputs accepted as ID.
+        Fraction of ID inputs to accept as ID (threshold set on out-of-fold
+        scores of the ID training data, see :class:`DistanceDetector`).
+    threshold_cv : int or None, default=5
+        Folds used to set the threshold (see :class:`DistanceDetector`).
     batch_size : int, default=128
         Images per forward pass (and the batch size of a Dataset's loader).
     device : str or torch.device, default="auto"
@@ -85,6 +88,7 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         "metric": [StrOptions(set(METRICS))],
         "class_conditional": [StrOptions({"auto"}), "boolean"],
         "target_tpr": [Interval(Real, 0, 1, closed="right")],
+        "threshold_cv": [Interval(Integral, 2, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "verbose": ["verbose"],
@@ -101,6 +105,7 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         metric="mahalanobis",
         class_conditional="auto",
         target_tpr=0.95,
+        threshold_cv=5,
         batch_size=128,
         device="auto",
         verbose=0,
@@ -113,6 +118,7 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         self.metric = metric
         self.class_conditional = class_conditional
         self.target_tpr = target_tpr
+        self.threshold_cv = threshold_cv
         self.batch_size = batch_size
         self.device = device
         self.verbose = verbose
@@ -146,7 +152,10 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
             y = loader_y
         select = ChannelSelector(n_channels=self.n_channels, criterion=self.criterion).fit(F, y)
         distance = DistanceDetector(
-            metric=self.metric, class_conditional=self.class_conditional, target_tpr=self.target_tpr
+            metric=self.metric,
+            class_conditional=self.class_conditional,
+            target_tpr=self.target_tpr,
+            threshold_cv=self.threshold_cv,
         ).fit(select.transform(F), y)
         self.pipeline_ = Pipeline([("features", features), ("select", select), ("distance", distance)])
         self.n_features_in_ = features.n_features_in_

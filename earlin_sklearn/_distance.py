@@ -1,11 +1,12 @@
 """Distance scoring: how far an input's reduced features lie from the ID centroids."""
 
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 from scipy.linalg import pinvh
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.covariance import LedoitWolf
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -71,7 +72,14 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
         Class centroids (``True``: ``y`` required), a global centroid
         (``False``: ``y`` ignored), or class centroids when ``y`` is given.
     target_tpr : float, default=0.95
-        Fraction of ID training samples accepted as ID by ``predict``.
+        Fraction of ID inputs that ``predict`` should accept as ID.
+    threshold_cv : int or None, default=5
+        The threshold is set on out-of-fold scores of a ``threshold_cv``-fold
+        split of the training data (each fold scored by centroids and
+        covariance fitted without it). In-sample scores are optimistic: with
+        tens of channels, a Mahalanobis threshold set on them accepts
+        noticeably fewer than ``target_tpr`` of new ID inputs. ``None`` (or
+        fewer than ``2 * threshold_cv`` samples) uses the in-sample scores.
 
     Attributes
     ----------
@@ -98,12 +106,14 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
         "metric": [StrOptions(set(METRICS))],
         "class_conditional": [StrOptions({"auto"}), "boolean"],
         "target_tpr": [Interval(Real, 0, 1, closed="right")],
+        "threshold_cv": [Interval(Integral, 2, None, closed="left"), None],
     }
 
-    def __init__(self, metric="mahalanobis", class_conditional="auto", target_tpr=0.95):
+    def __init__(self, metric="mahalanobis", class_conditional="auto", target_tpr=0.95, threshold_cv=5):
         self.metric = metric
         self.class_conditional = class_conditional
         self.target_tpr = target_tpr
+        self.threshold_cv = threshold_cv
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -130,21 +140,41 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
                 raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
             check_classification_targets(y)
             self.classes_, y_idx = np.unique(y, return_inverse=True)
-            counts = np.bincount(y_idx).astype(np.float64)
-            self.centroids_ = np.zeros((self.classes_.size, X.shape[1]))
-            np.add.at(self.centroids_, y_idx, X)
-            self.centroids_ /= counts[:, None]
         else:
-            self.classes_ = None
-            y_idx = np.zeros(X.shape[0], dtype=np.intp)
-            self.centroids_ = X.mean(axis=0, keepdims=True)
-        self.precision_ = None
-        if self.metric == "mahalanobis":
-            residuals = X - self.centroids_[y_idx]
-            covariance = LedoitWolf(assume_centered=True).fit(residuals).covariance_
-            self.precision_ = pinvh(covariance)
-        self.offset_ = offset_for_tpr(self._scores(X), self.target_tpr)
+            self.classes_, y_idx = None, np.zeros(X.shape[0], dtype=np.intp)
+        self.centroids_, self.precision_ = self._estimate(X, y_idx)
+        self.offset_ = offset_for_tpr(self._threshold_scores(X, y_idx), self.target_tpr)
         return self
+
+    def _estimate(self, X, y_idx):
+        """Centroids (one per label index) and, for Mahalanobis, the shared precision."""
+        k = int(y_idx.max()) + 1
+        counts = np.bincount(y_idx, minlength=k).astype(np.float64)
+        centroids = np.zeros((k, X.shape[1]))
+        np.add.at(centroids, y_idx, X)
+        centroids /= np.maximum(counts, 1.0)[:, None]
+        precision = None
+        if self.metric == "mahalanobis":
+            covariance = LedoitWolf(assume_centered=True).fit(X - centroids[y_idx]).covariance_
+            precision = pinvh(covariance)
+        return centroids, precision
+
+    def _threshold_scores(self, X, y_idx):
+        cv = self.threshold_cv
+        if cv is None or X.shape[0] < 2 * cv:
+            return self._scores(X)
+        counts = np.bincount(y_idx)
+        if counts.size > 1 and counts.min() >= cv:
+            folds = StratifiedKFold(cv, shuffle=True, random_state=0).split(X, y_idx)
+        else:
+            folds = KFold(cv, shuffle=True, random_state=0).split(X)
+        scores = np.empty(X.shape[0])
+        for train, held_out in folds:
+            # classes missing from a training fold keep no centroid there
+            present, local = np.unique(y_idx[train], return_inverse=True)
+            centroids, precision = self._estimate(X[train], local)
+            scores[held_out] = -min_centroid_distance(X[held_out], centroids, self.metric, precision)[0]
+        return scores
 
     def _scores(self, X):
         distance, _ = min_centroid_distance(X, self.centroids_, self.metric, self.precision_)

@@ -320,7 +320,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         return tags
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # object.__getstate__ returns __dict__ itself
         if "module_" in state and self.device_.type != "cpu":
             state["module_"] = copy.deepcopy(self.module_).cpu()
         return state
