@@ -11,82 +11,11 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from ._detector import ShallowFeatureOODDetector
+from .datasets import load_digits_images, natural_patches, noise_images, printed_letters
 from .metrics import auroc, tnr_at_tpr
-
-
-class DigitsCNN(nn.Module):
-    """A small CNN for 1x8x8 images: ``stem`` -> ``layer1`` -> ``layer2`` -> ``fc``."""
-
-    def __init__(self, n_classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.layer1 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
-        self.layer2 = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, n_classes)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def load_digits_images():
-    """Digits as float32 (N, 1, 8, 8) in [0, 1], and labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
-
-
-def natural_patches(n, rng):
-    """Grayscale 8x8 patches of scikit-learn's sample photographs, in [0, 1]."""
-    from sklearn.datasets import load_sample_images
-
-    photos = [img.mean(axis=2) / 255.0 for img in load_sample_images().images]
-    out = np.empty((n, 1, 8, 8), dtype=np.float32)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        # a 32x32 crop box-averaged to 8x8: the scale of a digit
-        r, c = rng.integers(0, img.shape[0] - 32), rng.integers(0, img.shape[1] - 32)
-        out[i, 0] = img[r : r + 32, c : c + 32].reshape(8, 4, 8, 4).mean(axis=(1, 3))
-    return out
-
-
-def printed_letters(n, rng):
-    """Capital letters drawn with Pillow's built-in font, 8x8 in [0, 1], randomly shifted."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    glyphs = []
-    for ch in "ABCDEFGHJKLMNPQRTUVWXYZ":
-        canvas = Image.new("L", (16, 16), 0)
-        ImageDraw.Draw(canvas).text((4, 2), ch, fill=255, font=font)
-        glyphs.append(np.asarray(canvas, dtype=np.float32) / 255.0)
-    out = np.empty((n, 1, 8, 8), dtype=np.float32)
-    for i in range(n):
-        g = np.roll(glyphs[i % len(glyphs)], rng.integers(-2, 3, size=2), axis=(0, 1))
-        small = g.reshape(8, 2, 8, 2).mean(axis=(1, 3))
-        out[i, 0] = small / max(small.max(), 1e-6)
-    return out
-
-
-def train_cnn(X, y, epochs=15, seed=0):
-    """Train :class:`DigitsCNN` with Adam; a few seconds on 2 CPU cores."""
-    torch.manual_seed(seed)
-    net = DigitsCNN()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(Xt), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
-            opt.step()
-    return net.eval()
+from .models import train_digits_cnn
 
 
 def run_demo(layer="layer1", seed=0, out=print):
@@ -101,7 +30,7 @@ def run_demo(layer="layer1", seed=0, out=print):
     def norm(a):
         return ((a - mean) / std).astype(np.float32)
 
-    net = train_cnn(norm(X[train]), y[train], seed=seed)
+    net = train_digits_cnn(norm(X[train]), y[train], seed=seed)
     with torch.no_grad():
         acc = (net(torch.from_numpy(norm(X[test]))).argmax(1).numpy() == y[test]).mean()
     t_train = time.perf_counter() - t0
@@ -116,8 +45,8 @@ def run_demo(layer="layer1", seed=0, out=print):
     ood_sets = {
         "natural photo patches": natural_patches(n, rng),
         "printed letters": printed_letters(n, rng),
-        "Gaussian noise": np.clip(rng.normal(X.mean(), X.std(), size=(n, 1, 8, 8)), 0, 1).astype(np.float32),
-        "uniform noise": rng.uniform(0, 1, size=(n, 1, 8, 8)).astype(np.float32),
+        "Gaussian noise": noise_images(n, "gaussian", rng, mean=X.mean(), std=X.std()),
+        "uniform noise": noise_images(n, "uniform", rng),
     }
     offset = detector.offset_
     rows = [("ID test digits", n, float("nan"), float("nan"), 100 * float(np.mean(s_id < offset)))]
