@@ -3,25 +3,41 @@
 EARLIN (Nimi et al., 2021) as scikit-learn estimators over PyTorch models:
 images -> :class:`BackboneFeatures` (pooled channels of one layer) ->
 :class:`ChannelSelector` -> :class:`DistanceDetector` -> ID/OOD decision, composed
-by :class:`ShallowFeatureOODDetector`.
+by :class:`ShallowFeatureOODDetector`; its :meth:`~ShallowFeatureOODDetector.export_split`
+cuts the model into the edge part (prefix + detector) and the cloud part (the rest).
 """
 
 from . import metrics
+from ._cost import CostComparison, SplitCost, collaborative_cost, split_cost
 from ._detector import ShallowFeatureOODDetector
 from ._distance import DistanceDetector
+from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput
+from ._export import save_split
 from ._features import BackboneFeatures
 from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
 from ._selection import ChannelSelector
+from ._split import available_split_points, split_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneFeatures",
     "ChannelSelector",
+    "CloudModule",
+    "CostComparison",
+    "DetectorHead",
     "DistanceDetector",
+    "EdgeModule",
+    "EdgeOutput",
     "ShallowFeatureOODDetector",
+    "SplitCost",
+    "available_split_points",
+    "collaborative_cost",
     "make_ood_scorer",
     "make_pseudo_ood",
     "make_pseudo_ood_scorer",
     "metrics",
+    "save_split",
+    "split_cost",
+    "split_model",
 ]

@@ -10,6 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._distance import METRICS, DistanceDetector
+from ._edge import build_split
 from ._features import POOLINGS, BackboneFeatures
 from ._inputs import is_torch_data
 from ._selection import CRITERIA, ChannelSelector
@@ -205,6 +206,30 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         labels : ndarray of shape (N,), int
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def export_split(self):
+        """Split the backbone at ``layer`` into the edge and cloud modules.
+
+        The edge module runs the backbone up to the detection layer and the
+        fitted detector (as torch tensors: no scikit-learn needed on the
+        device); the cloud module runs the rest. Both are new modules on the
+        CPU; this detector is not changed.
+
+        Returns
+        -------
+        edge : EdgeModule
+            ``edge(x)`` -> ``EdgeOutput(is_id, score, payload)``; ``is_id`` and
+            ``score`` equal ``predict(x) == 1`` and ``score_samples(x)``.
+        cloud : CloudModule
+            ``cloud(edge(x).payload)`` equals ``backbone(x)``.
+
+        See Also
+        --------
+        earlin_sklearn.save_split : write both parts as torch.export and ONNX files.
+        earlin_sklearn.split_cost : parameters, FLOPs and payload bytes of each part.
+        """
+        check_is_fitted(self)
+        return build_split(self)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -14,11 +14,27 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 METRICS = ("mahalanobis", "euclidean", "cosine")
 
 
-def min_centroid_distance(X, centroids, metric, precision=None):
+def whitening_from_precision(precision):
+    """A matrix ``W`` with ``W @ W.T == precision`` (symmetric PSD square root).
+
+    Mahalanobis distances are then Euclidean distances between ``x @ W`` and
+    ``centroid @ W``, computed from differences: no cancellation between large
+    terms, unlike the expanded ``x'Px - 2 x'P mu + mu'P mu``.
+    """
+    eigval, eigvec = np.linalg.eigh(precision)
+    return eigvec * np.sqrt(np.clip(eigval, 0.0, None))
+
+
+def min_centroid_distance(X, centroids, metric, whitening=None):
     """Distance from each row of ``X`` to its nearest centroid.
 
-    Mahalanobis uses ``d^2 = x'Px - 2 x'P mu + mu'P mu`` so that all classes
-    cost one matrix product; the edge module computes the same expression.
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    centroids : ndarray of shape (n_centroids, n_features)
+    metric : {"mahalanobis", "euclidean", "cosine"}
+    whitening : ndarray of shape (n_features, n_features) or None
+        For Mahalanobis (see :func:`whitening_from_precision`).
 
     Returns
     -------
@@ -27,14 +43,16 @@ def min_centroid_distance(X, centroids, metric, precision=None):
         Index of the nearest centroid.
     """
     if metric == "cosine":
-        Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-        Cn = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-        d = 1.0 - Xn @ Cn.T
-    else:
-        P = np.eye(X.shape[1]) if precision is None else precision
-        XP = X @ P
-        d2 = (XP * X).sum(axis=1)[:, None] - 2.0 * XP @ centroids.T + ((centroids @ P) * centroids).sum(axis=1)[None, :]
-        d = np.sqrt(np.maximum(d2, 0.0))
+        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    elif metric == "mahalanobis":
+        X, centroids = X @ whitening, centroids @ whitening
+    d = np.empty((X.shape[0], centroids.shape[0]))
+    for k, c in enumerate(centroids):
+        diff = X - c
+        d[:, k] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    if metric == "cosine":
+        d = 0.5 * d**2  # = 1 - cos for unit vectors, computed from differences
     nearest = d.argmin(axis=1)
     return d[np.arange(d.shape[0]), nearest], nearest
 
@@ -88,6 +106,9 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
         Class of each centroid; None with a global centroid.
     precision_ : ndarray of shape (n_features_in_, n_features_in_) or None
         Inverse shared covariance (Mahalanobis only).
+    whitening_ : ndarray of shape (n_features_in_, n_features_in_) or None
+        ``W`` with ``W @ W.T == precision_``: Mahalanobis distances are computed
+        as Euclidean distances after ``X @ W`` (Mahalanobis only).
     offset_ : float
         Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
     n_features_in_ : int
@@ -143,6 +164,7 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
         else:
             self.classes_, y_idx = None, np.zeros(X.shape[0], dtype=np.intp)
         self.centroids_, self.precision_ = self._estimate(X, y_idx)
+        self.whitening_ = None if self.precision_ is None else whitening_from_precision(self.precision_)
         self.offset_ = offset_for_tpr(self._threshold_scores(X, y_idx), self.target_tpr)
         return self
 
@@ -173,11 +195,12 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
             # classes missing from a training fold keep no centroid there
             present, local = np.unique(y_idx[train], return_inverse=True)
             centroids, precision = self._estimate(X[train], local)
-            scores[held_out] = -min_centroid_distance(X[held_out], centroids, self.metric, precision)[0]
+            whitening = None if precision is None else whitening_from_precision(precision)
+            scores[held_out] = -min_centroid_distance(X[held_out], centroids, self.metric, whitening)[0]
         return scores
 
     def _scores(self, X):
-        distance, _ = min_centroid_distance(X, self.centroids_, self.metric, self.precision_)
+        distance, _ = min_centroid_distance(X, self.centroids_, self.metric, self.whitening_)
         return -distance
 
     def score_samples(self, X):

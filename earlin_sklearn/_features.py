@@ -120,6 +120,12 @@ def run_to_layer(module, layer_module, x):
     return out
 
 
+def input_dtype(module):
+    """The floating dtype that ``module`` computes in (of its first parameter; float32 by default)."""
+    dtype = next(module.parameters(), torch.empty(0)).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
 def _first_in_channels(module):
     for sub in module.modules():
         if isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -279,9 +285,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         return pool_activation(self._activation(x), self.pooling).float().cpu().numpy()
 
     def _activation(self, x):
-        dtype = next(self.module_.parameters(), torch.empty(0)).dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = input_dtype(self.module_)
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) without a warning
         with torch.inference_mode():

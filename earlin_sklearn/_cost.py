@@ -1,0 +1,296 @@
+"""Cost model: what a split costs (parameters, FLOPs, payload bytes) and what collaborative inference saves."""
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._features import pool_activation
+
+
+def count_flops(module, *args):
+    """FLOPs (multiply and add counted separately) of one call, from ``torch.utils.flop_counter``.
+
+    Counts convolutions and matrix products, which dominate CNN cost;
+    element-wise operations (activations, pooling, additions) are not counted.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    return int(counter.get_total_flops())
+
+
+def count_parameters(module):
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def quantize_uint8(t):
+    """Per-input affine 8-bit quantization: returns ``(codes, scale, low)``."""
+    flat = t.reshape(t.shape[0], -1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    scale = ((high - low) / 255.0).clamp_min(1e-12)
+    shape = (-1,) + (1,) * (t.dim() - 1)
+    codes = ((t - low.view(shape)) / scale.view(shape)).round().clamp(0, 255).to(torch.uint8)
+    return codes, scale, low
+
+
+def dequantize_uint8(codes, scale, low):
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return codes.to(torch.float32) * scale.view(shape) + low.view(shape)
+
+
+@dataclass
+class SplitCost:
+    """Per-input costs of an edge/cloud split. Print it for a table.
+
+    Bytes are per input; ``raw_uint8`` is the image as 8-bit pixels (what a
+    camera would send, before any image compression), ``raw_float32`` the
+    normalized tensor. ``payload_int8`` adds 8 bytes per tensor for the
+    quantization scale and offset.
+    """
+
+    edge_params: int
+    cloud_params: int
+    detector_values: int
+    edge_flops: int
+    detector_flops: int
+    cloud_flops: int
+    full_flops: int
+    raw_uint8_bytes: int
+    raw_float32_bytes: int
+    payload_float32_bytes: int
+    payload_float16_bytes: int
+    payload_int8_bytes: int
+    payload_shapes: list = field(default_factory=list)
+    float16_agreement: float = float("nan")
+    int8_agreement: float = float("nan")
+    accuracy_float32: float = float("nan")
+    accuracy_float16: float = float("nan")
+    accuracy_int8: float = float("nan")
+    n_eval: int = 0
+
+    @property
+    def edge_flops_fraction(self):
+        return (self.edge_flops + self.detector_flops) / self.full_flops
+
+    def to_dict(self):
+        d = asdict(self)
+        d["edge_flops_fraction"] = self.edge_flops_fraction
+        return d
+
+    def __str__(self):
+        def kb(b):
+            return f"{b / 1024:.1f} KiB" if b >= 1024 else f"{b} B"
+
+        raw = self.raw_uint8_bytes
+        lines = [
+            f"{'part':<22}{'parameters':>12}{'MFLOPs/input':>14}{'share of FLOPs':>16}",
+            f"{'edge: backbone prefix':<22}{self.edge_params:>12,}{self.edge_flops / 1e6:>14.2f}{100 * self.edge_flops / self.full_flops:>15.1f}%",
+            f"{'edge: detector head':<22}{self.detector_values:>12,}{self.detector_flops / 1e6:>14.4f}{100 * self.detector_flops / self.full_flops:>15.2f}%",
+            f"{'cloud: the rest':<22}{self.cloud_params:>12,}{self.cloud_flops / 1e6:>14.2f}{100 * self.cloud_flops / self.full_flops:>15.1f}%",
+            "",
+            f"{'upload per input':<22}{'bytes':>12}{'x raw image':>14}  effect on the cloud output",
+            f"{'raw image, uint8':<22}{kb(raw):>12}{1.0:>14.2f}",
+            f"{'raw tensor, float32':<22}{kb(self.raw_float32_bytes):>12}{self.raw_float32_bytes / raw:>14.2f}",
+            f"{'activations, float32':<22}{kb(self.payload_float32_bytes):>12}{self.payload_float32_bytes / raw:>14.2f}  exact"
+            + (f" (accuracy {100 * self.accuracy_float32:.1f}%)" if not np.isnan(self.accuracy_float32) else ""),
+            f"{'activations, float16':<22}{kb(self.payload_float16_bytes):>12}{self.payload_float16_bytes / raw:>14.2f}  "
+            + self._effect(self.float16_agreement, self.accuracy_float16),
+            f"{'activations, int8':<22}{kb(self.payload_int8_bytes):>12}{self.payload_int8_bytes / raw:>14.2f}  "
+            + self._effect(self.int8_agreement, self.accuracy_int8),
+            f"(payload tensors per input: {self.payload_shapes})",
+        ]
+        if self.payload_float32_bytes > self.raw_float32_bytes:
+            lines.append("note: the float32 activations are LARGER than the float32 input tensor: "
+                         "uploading the raw input can be cheaper (see collaborative_cost).")
+        return "\n".join(lines)
+
+    def _effect(self, agreement, accuracy):
+        if np.isnan(agreement):
+            return "not measured"
+        text = f"top-1 agrees on {100 * agreement:.1f}% of {self.n_eval}"
+        if not np.isnan(accuracy):
+            text += f", accuracy {100 * accuracy:.1f}%"
+        return text
+
+
+def split_cost(edge, cloud, X, y=None, backbone=None):
+    """Measure the costs of a split on sample inputs.
+
+    Parameters
+    ----------
+    edge : EdgeModule
+    cloud : CloudModule
+        From :meth:`ShallowFeatureOODDetector.export_split`.
+    X : tensor or array of shape (N, C, H, W)
+        Sample inputs, normalized as the model expects. FLOPs are counted on
+        the first one; the payload's float16 and 8-bit versions are sent
+        through the cloud part for all of them and compared with float32.
+    y : array-like of shape (N,), default=None
+        Labels: the accuracy of each payload precision is reported too.
+    backbone : torch.nn.Module, default=None
+        The whole model, for its FLOPs; by default edge prefix + cloud.
+
+    Returns
+    -------
+    cost : SplitCost
+    """
+    X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
+    x1 = X[:1]
+    with torch.no_grad():
+        activation, *crossing = edge.prefix(x1)
+        pooled = pool_activation(activation, edge.pooling)
+    edge_flops = count_flops(edge.prefix, x1)
+    detector_flops = count_flops(edge.head, pooled)
+    cloud_flops = count_flops(cloud.suffix, *crossing)
+    full_flops = count_flops(backbone, x1) if backbone is not None else edge_flops + cloud_flops
+    per_input = [int(np.prod(t.shape[1:])) for t in crossing]
+    n_raw = int(np.prod(x1.shape[1:]))
+
+    cost = SplitCost(
+        edge_params=count_parameters(edge.prefix),
+        cloud_params=count_parameters(cloud.suffix),
+        detector_values=int(sum(b.numel() for b in edge.head.buffers())),
+        edge_flops=edge_flops,
+        detector_flops=detector_flops,
+        cloud_flops=cloud_flops,
+        full_flops=full_flops,
+        raw_uint8_bytes=n_raw,
+        raw_float32_bytes=4 * n_raw,
+        payload_float32_bytes=4 * sum(per_input),
+        payload_float16_bytes=2 * sum(per_input),
+        payload_int8_bytes=sum(per_input) + 8 * len(per_input),
+        payload_shapes=[list(t.shape[1:]) for t in crossing],
+        n_eval=int(X.shape[0]),
+    )
+    with torch.no_grad():
+        payload = edge.prefix(X)[1:]
+        ref = cloud.suffix(*payload)
+        half = cloud.suffix(*[p.half().float() for p in payload])
+        int8 = cloud.suffix(*[dequantize_uint8(*quantize_uint8(p)) for p in payload])
+    if ref.dim() == 2 and ref.shape[1] > 1:
+        top = ref.argmax(1)
+        cost.float16_agreement = float((half.argmax(1) == top).float().mean())
+        cost.int8_agreement = float((int8.argmax(1) == top).float().mean())
+        if y is not None:
+            y = torch.as_tensor(np.asarray(y))
+            cost.accuracy_float32 = float((top == y).float().mean())
+            cost.accuracy_float16 = float((half.argmax(1) == y).float().mean())
+            cost.accuracy_int8 = float((int8.argmax(1) == y).float().mean())
+    return cost
+
+
+@dataclass
+class Strategy:
+    name: str
+    upload_fraction: float
+    bytes_per_input: float
+    latency_ms: float
+    cloud_mflops_per_input: float
+    edge_mflops_per_input: float
+
+
+def collaborative_cost(
+    cost,
+    ood_fraction,
+    tpr,
+    tnr,
+    uplink_mbit_s=10.0,
+    edge_gflop_s=5.0,
+    cloud_gflop_s=1000.0,
+    payload="float32",
+    raw="uint8",
+):
+    """Expected per-input cost of three ways to serve a stream of inputs.
+
+    (a) ``cloud only``: upload every raw input; the cloud runs the whole model.
+    (b) ``EARLIN, activations``: the edge runs the prefix and the detector and
+    uploads the cut activations of inputs it accepts; the cloud runs the rest.
+    (c) ``EARLIN, raw input``: the edge runs the prefix and the detector and
+    uploads the raw input of inputs it accepts; the cloud runs the whole model.
+
+    An input is uploaded with probability ``(1 - ood_fraction) * tpr +
+    ood_fraction * (1 - tnr)``. Latency is the expected time per input:
+    edge compute, then (if uploaded) transfer and cloud compute; network
+    round-trip time and the reply are left out (the same for every strategy).
+
+    Parameters
+    ----------
+    cost : SplitCost
+    ood_fraction : float
+        Expected fraction of OOD inputs in the stream.
+    tpr, tnr : float
+        The detector's ID acceptance and OOD rejection rates (e.g. 0.95 and
+        the measured TNR at 95% TPR).
+    uplink_mbit_s : float, default=10
+    edge_gflop_s, cloud_gflop_s : float, default=5 and 1000
+        Sustained compute speed of each side, in GFLOP/s.
+    payload : {"float32", "float16", "int8"}, default="float32"
+    raw : {"uint8", "float32"}, default="uint8"
+
+    Returns
+    -------
+    comparison : CostComparison
+    """
+    for name, value in (("ood_fraction", ood_fraction), ("tpr", tpr), ("tnr", tnr)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]; got {value}.")
+    raw_bytes = {"uint8": cost.raw_uint8_bytes, "float32": cost.raw_float32_bytes}[raw]
+    payload_bytes = {
+        "float32": cost.payload_float32_bytes,
+        "float16": cost.payload_float16_bytes,
+        "int8": cost.payload_int8_bytes,
+    }[payload]
+    up = (1 - ood_fraction) * tpr + ood_fraction * (1 - tnr)
+    edge_flops = cost.edge_flops + cost.detector_flops
+    edge_s = edge_flops / (edge_gflop_s * 1e9)
+
+    def transfer_s(n_bytes):
+        return n_bytes * 8 / (uplink_mbit_s * 1e6)
+
+    def cloud_s(flops):
+        return flops / (cloud_gflop_s * 1e9)
+
+    strategies = [
+        Strategy("cloud only", 1.0, raw_bytes, 1e3 * (transfer_s(raw_bytes) + cloud_s(cost.full_flops)),
+                 cost.full_flops / 1e6, 0.0),
+        Strategy(f"EARLIN, activations ({payload})", up, up * payload_bytes,
+                 1e3 * (edge_s + up * (transfer_s(payload_bytes) + cloud_s(cost.cloud_flops))),
+                 up * cost.cloud_flops / 1e6, edge_flops / 1e6),
+        Strategy(f"EARLIN, raw input ({raw})", up, up * raw_bytes,
+                 1e3 * (edge_s + up * (transfer_s(raw_bytes) + cloud_s(cost.full_flops))),
+                 up * cost.full_flops / 1e6, edge_flops / 1e6),
+    ]
+    settings = dict(ood_fraction=ood_fraction, tpr=tpr, tnr=tnr, uplink_mbit_s=uplink_mbit_s,
+                    edge_gflop_s=edge_gflop_s, cloud_gflop_s=cloud_gflop_s)
+    return CostComparison(strategies, settings)
+
+
+@dataclass
+class CostComparison:
+    """The strategies of :func:`collaborative_cost`; print it for a table."""
+
+    strategies: list
+    settings: dict
+
+    def cheapest(self, by="latency_ms"):
+        """Name of the strategy with the lowest ``by`` (``"latency_ms"``,
+        ``"bytes_per_input"`` or ``"cloud_mflops_per_input"``)."""
+        return min(self.strategies, key=lambda s: getattr(s, by)).name
+
+    def to_dict(self):
+        return {"settings": self.settings, "strategies": [asdict(s) for s in self.strategies],
+                "cheapest_latency": self.cheapest("latency_ms"), "cheapest_bytes": self.cheapest("bytes_per_input")}
+
+    def __str__(self):
+        s = self.settings
+        lines = [
+            f"stream: {100 * s['ood_fraction']:.0f}% OOD; detector TPR {100 * s['tpr']:.1f}%, TNR {100 * s['tnr']:.1f}%; "
+            f"uplink {s['uplink_mbit_s']:g} Mbit/s; edge {s['edge_gflop_s']:g} GFLOP/s; cloud {s['cloud_gflop_s']:g} GFLOP/s",
+            f"{'strategy':<32}{'uploaded':>9}{'bytes/input':>13}{'latency ms':>12}{'cloud MFLOPs':>14}{'edge MFLOPs':>13}",
+        ]
+        for st in self.strategies:
+            lines.append(f"{st.name:<32}{100 * st.upload_fraction:>8.1f}%{st.bytes_per_input:>13.0f}"
+                         f"{st.latency_ms:>12.3f}{st.cloud_mflops_per_input:>14.2f}{st.edge_mflops_per_input:>13.2f}")
+        lines.append(f"cheapest: {self.cheapest('latency_ms')} (latency), {self.cheapest('bytes_per_input')} (bytes)")
+        return "\n".join(lines)

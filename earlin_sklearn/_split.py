@@ -1,0 +1,146 @@
+"""Model splitting: cut a backbone's torch.fx graph at a layer into an edge part and a cloud part."""
+
+import torch
+from torch import fx
+from torchvision.models.feature_extraction import LeafModuleAwareTracer, _set_default_tracer_kwargs
+
+from ._features import get_layer
+
+
+class _CutTracer(LeafModuleAwareTracer):
+    """torchvision's leaf-aware tracer (torchvision ops and ``math`` kept whole),
+    with the cut layer also kept whole so that it is one node of the graph."""
+
+    def __init__(self, cut=None):
+        super().__init__(**_set_default_tracer_kwargs(None))
+        self.cut = cut
+
+    def is_leaf_module(self, m, module_qualname):
+        return module_qualname == self.cut or super().is_leaf_module(m, module_qualname)
+
+
+def trace(backbone, cut=None):
+    """Symbolically trace ``backbone`` with the module ``cut`` kept as one node.
+
+    Raises
+    ------
+    ValueError
+        If torch.fx cannot trace the model (data-dependent control flow).
+    """
+    tracer = _CutTracer(cut)
+    try:
+        graph = tracer.trace(backbone)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+        raise ValueError(
+            f"torch.fx could not trace {type(backbone).__name__}, so it cannot be split: {exc}. "
+            "Models with data-dependent control flow in forward() need it rewritten "
+            "(or moved into a submodule that is not split)."
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(backbone).__name__)
+
+
+def available_split_points(backbone):
+    """Names of the layers at which :func:`split_model` can cut ``backbone``.
+
+    These are the submodules that the traced forward pass calls, in execution
+    order (each listed once, at its first call); containers such as
+    ``"layer1"`` are listed along with the layers inside them.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+
+    Returns
+    -------
+    names : list of str
+        Dotted names, as in ``backbone.named_modules()``.
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> points = available_split_points(torchvision.models.resnet18())
+    >>> points[:5]
+    ['conv1', 'bn1', 'relu', 'maxpool', 'layer1']
+    """
+    gm = trace(backbone)
+    called = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        parts = node.target.split(".")
+        for depth in range(1, len(parts) + 1):  # enclosing containers first
+            name = ".".join(parts[:depth])
+            if name not in called:
+                called.append(name)
+    return called
+
+
+def split_model(backbone, layer):
+    """Cut ``backbone`` right after ``layer`` (its first call).
+
+    Every tensor computed on the edge side and used on the cloud side crosses
+    the cut (skip connections and dense concatenations included); parameters
+    and buffers are never sent, the cloud part holds its own.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+    layer : str
+        Dotted module name, one of :func:`available_split_points`.
+
+    Returns
+    -------
+    edge : torch.fx.GraphModule
+        ``edge(x)`` returns the tuple ``(activation, *crossing)``: the layer's
+        output, then the tensors that cross the cut, in execution order.
+    cloud : torch.fx.GraphModule
+        ``cloud(*crossing)`` returns the original model's output.
+    """
+    get_layer(backbone, layer)
+    gm = trace(backbone, cut=layer)
+    nodes = list(gm.graph.nodes)
+    cut_at = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer), None)
+    if cut_at is None:
+        raise ValueError(
+            f"{layer!r} is never called as a module in the traced forward pass, so the model "
+            f"cannot be cut there. Valid cut layers: available_split_points(backbone)."
+        )
+    edge_nodes = nodes[: cut_at + 1]
+    edge_set = set(edge_nodes)
+    crossing = [
+        n for n in edge_nodes if n.op != "get_attr" and any(user not in edge_set for user in n.users)
+    ]
+
+    edge_graph, edge_env = fx.Graph(), {}
+    for node in edge_nodes:
+        edge_env[node] = edge_graph.node_copy(node, lambda a: edge_env[a])
+    edge_graph.output((edge_env[nodes[cut_at]], *[edge_env[n] for n in crossing]))
+
+    cloud_graph, cloud_env = fx.Graph(), {}
+    for node in crossing:
+        cloud_env[node] = cloud_graph.placeholder(node.name)
+
+    def cloud_arg(arg):
+        if arg not in cloud_env:  # a parameter or buffer read on the edge side: read it again
+            cloud_env[arg] = cloud_graph.node_copy(arg)
+        return cloud_env[arg]
+
+    for node in nodes[cut_at + 1 :]:
+        cloud_env[node] = cloud_graph.node_copy(node, cloud_arg)
+
+    edge = fx.GraphModule(gm, edge_graph, "EdgePrefix")
+    cloud = fx.GraphModule(gm, cloud_graph, "CloudSuffix")
+    edge.crossing_names = [n.name for n in crossing]
+    return edge, cloud
+
+
+def check_tensor_payload(edge, example):
+    """Raise if something other than a tensor would cross the cut (found on ``example``)."""
+    with torch.no_grad():
+        outs = edge(example)
+    for name, value in zip(["<activation>", *edge.crossing_names], outs):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"The value {name!r} of type {type(value).__name__} would cross the cut: only "
+                "tensors can be sent to the cloud. Cut at another layer."
+            )
