@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from earlin_sklearn import ShallowFeatureOODDetector, collaborative_cost, split_cost
+from earlin_sklearn._cost import count_flops, dequantize_uint8, quantize_uint8
+from earlin_sklearn.models import cifar_resnet
+
+
+@pytest.fixture(scope="module")
+def resnet_cost():
+    torch.manual_seed(0)
+    model = cifar_resnet(20)
+    X = torch.randn(32, 3, 32, 32)
+    det = ShallowFeatureOODDetector(model, "layer1", device="cpu").fit(X)
+    edge, cloud = det.export_split()
+    with torch.no_grad():
+        y = model(X).argmax(1)
+    return model, split_cost(edge, cloud, X, y=y, backbone=model)
+
+
+def test_parts_add_up(resnet_cost):
+    model, cost = resnet_cost
+    assert cost.edge_params + cost.cloud_params == sum(p.numel() for p in model.parameters())
+    assert cost.edge_flops + cost.cloud_flops == cost.full_flops
+    # stem conv: 32*32 positions * 16 out * 3*3*3 MACs, x2 for multiply and add
+    assert count_flops(model.conv1, torch.zeros(1, 3, 32, 32)) == 2 * 32 * 32 * 16 * 27
+    assert 0.2 < cost.edge_flops_fraction < 0.5
+    assert cost.detector_flops < 0.01 * cost.full_flops
+
+
+def test_shallow_payload_is_larger_than_the_image_and_the_report_says_so(resnet_cost):
+    _, cost = resnet_cost
+    assert cost.raw_uint8_bytes == 3 * 32 * 32 and cost.raw_float32_bytes == 4 * 3 * 32 * 32
+    assert cost.payload_float32_bytes == 4 * 16 * 32 * 32 and cost.payload_shapes == [[16, 32, 32]]
+    assert cost.payload_float16_bytes == 2 * 16 * 32 * 32
+    assert cost.payload_int8_bytes == 16 * 32 * 32 + 8
+    text = str(cost)
+    assert "LARGER than the float32 input" in text and "21.33" in text  # 64 KiB / 3 KiB
+
+
+def test_quantized_payload_effect_is_measured(resnet_cost):
+    _, cost = resnet_cost
+    assert cost.accuracy_float32 == 1.0  # y was the model's own prediction
+    assert 0.8 <= cost.int8_agreement <= 1.0 and 0.9 <= cost.float16_agreement <= 1.0
+    assert cost.n_eval == 32
+
+
+def test_uint8_quantization_round_trip():
+    t = torch.randn(4, 8, 5, 5) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:, None, None, None]
+    codes, scale, low = quantize_uint8(t)
+    assert codes.dtype == torch.uint8
+    err = (dequantize_uint8(codes, scale, low) - t).abs().amax(dim=(1, 2, 3))
+    assert torch.all(err <= scale / 2 + 1e-6)
+
+
+def test_cost_model_arithmetic(resnet_cost):
+    _, cost = resnet_cost
+    cmp = collaborative_cost(cost, ood_fraction=0.5, tpr=1.0, tnr=1.0, uplink_mbit_s=8.0,
+                             edge_gflop_s=1.0, cloud_gflop_s=1e6)
+    cloud_only, acts, raw = cmp.strategies
+    assert cloud_only.bytes_per_input == cost.raw_uint8_bytes and cloud_only.upload_fraction == 1.0
+    assert acts.upload_fraction == 0.5 and acts.bytes_per_input == 0.5 * cost.payload_float32_bytes
+    assert raw.bytes_per_input == 0.5 * cost.raw_uint8_bytes
+    # 8 Mbit/s = 1 byte per microsecond
+    assert cloud_only.latency_ms == pytest.approx(cost.raw_uint8_bytes / 1e3 + cost.full_flops / 1e15 * 1e3)
+    edge_ms = (cost.edge_flops + cost.detector_flops) / 1e9 * 1e3
+    assert acts.latency_ms == pytest.approx(edge_ms + 0.5 * (cost.payload_float32_bytes / 1e3 + cost.cloud_flops / 1e15 * 1e3))
+    assert cmp.cheapest("bytes_per_input") == raw.name
+    assert "cheapest" in str(cmp) and cmp.to_dict()["cheapest_bytes"] == raw.name
+
+
+def test_cost_model_rejects_bad_rates(resnet_cost):
+    with pytest.raises(ValueError, match="tnr"):
+        collaborative_cost(resnet_cost[1], 0.3, 0.95, 1.5)
