@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._inputs import as_loader, is_torch_data, labels_to_numpy, n_batches, split_batch
+from ._inputs import first_input, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_images
 
 logger = logging.getLogger(__name__)
 
@@ -219,11 +219,10 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         """
         get_layer(self.backbone, self.layer)
         if is_torch_data(X):
-            first, _ = split_batch(next(iter(as_loader(X, self.batch_size))))
-            sample = first[:1].detach().cpu().numpy()
+            sample = first_input(X, self.batch_size)
             self.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         else:
-            X = self._validate_images(X, reset=True)
+            X = validate_images(self, X, reset=True)
             sample = X[:1]
         self.input_shape_ = tuple(int(s) for s in sample.shape[1:])
         self.device_ = resolve_device(self.device)
@@ -263,15 +262,9 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             Labels from ``(x, y)`` batches; None for arrays and unlabelled batches.
         """
         check_is_fitted(self)
-        if is_torch_data(X):
-            loader = as_loader(X, self.batch_size)
-            batches = (split_batch(b) for b in loader)
-            total = n_batches(loader)
-        else:
-            X = self._validate_images(X, reset=False)
-            starts = range(0, X.shape[0], self.batch_size)
-            batches = ((X[s : s + self.batch_size], None) for s in starts)
-            total = len(starts)
+        if not is_torch_data(X):
+            X = validate_images(self, X, reset=False)
+        batches, total = image_batches(X, self.batch_size)
         feats, labels = [], []
         bar = tqdm(batches, total=total, desc=f"features@{self.layer}", disable=self.verbose <= 0)
         for x, y in bar:
@@ -286,24 +279,9 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     def _activation(self, x):
         dtype = input_dtype(self.module_)
-        if isinstance(x, np.ndarray) and not x.flags.writeable:
-            x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) without a warning
         with torch.inference_mode():
-            x = torch.as_tensor(x).to(device=self.device_, dtype=dtype)
+            x = to_model_input(x, self.device_, dtype)
             return run_to_layer(self.module_, self.module_.get_submodule(self.layer), x)
-
-    def _validate_images(self, X, reset):
-        if isinstance(X, torch.Tensor):
-            X = X.detach().cpu().numpy()
-        X = validate_data(self, X, reset=reset, allow_nd=True, dtype="numeric")
-        if X.dtype == np.uint8:
-            warnings.warn(
-                "Got uint8 images: they are fed to the backbone as floats in [0, 255]. "
-                "Scale and normalize them as the backbone was trained.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return X
 
     def _check_channel_layout(self, sample):
         expected = _first_in_channels(self.module_)

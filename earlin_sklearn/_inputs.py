@@ -1,7 +1,10 @@
 """Image inputs: arrays, tensors, torch Datasets and DataLoaders, read as batches."""
 
+import warnings
+
 import numpy as np
 import torch
+from sklearn.utils.validation import validate_data
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -39,6 +42,12 @@ def split_batch(batch):
     )
 
 
+def first_input(X, batch_size):
+    """The first input of a Dataset or DataLoader, as an array of shape (1, ...)."""
+    x, _ = split_batch(next(iter(as_loader(X, batch_size))))
+    return x[:1].detach().cpu().numpy()
+
+
 def labels_to_numpy(parts):
     """Concatenate per-batch labels; None if any batch had no labels."""
     if not parts or any(p is None for p in parts):
@@ -52,3 +61,40 @@ def n_batches(loader):
         return len(loader)
     except TypeError:
         return None
+
+
+def image_batches(X, batch_size):
+    """``(batches, total)``: ``(x, y)`` pairs over an array or a Dataset/DataLoader.
+
+    ``y`` is None for arrays. ``total`` is the number of batches, or None.
+    """
+    if is_torch_data(X):
+        loader = as_loader(X, batch_size)
+        return (split_batch(b) for b in loader), n_batches(loader)
+    starts = range(0, X.shape[0], batch_size)
+    return ((X[s : s + batch_size], None) for s in starts), len(starts)
+
+
+def validate_images(estimator, X, reset):
+    """Validate an image array (or tensor) ``(N, C, H, W)`` with scikit-learn's checks.
+
+    Sets or checks ``n_features_in_`` (the number of channels) on ``estimator``.
+    """
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    X = validate_data(estimator, X, reset=reset, allow_nd=True, dtype="numeric")
+    if X.dtype == np.uint8:
+        warnings.warn(
+            "Got uint8 images: they are fed to the model as floats in [0, 255]. "
+            "Scale and normalize them as the model was trained.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return X
+
+
+def to_model_input(x, device, dtype):
+    """A batch as a tensor on ``device`` in ``dtype`` (read-only arrays are copied first)."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) without a warning
+    return torch.as_tensor(x).to(device=device, dtype=dtype)

@@ -28,6 +28,17 @@ class AnyInputNet(nn.Module):
         return self.head(self.act(torch.nn.functional.conv2d(x, mix)))
 
 
+class AnyInputClassifier(AnyInputNet):
+    """:class:`AnyInputNet` with 2-D logits ``(N, 3)``."""
+
+    def __init__(self, width=6):
+        super().__init__(width)
+        self.head = nn.Conv2d(width, 3, 1)
+
+    def forward(self, x):
+        return super().forward(x).flatten(1)
+
+
 class TinyCNN(nn.Module):
     """A 3-channel CNN with a stem, two stages and a classifier (like a mini ResNet)."""
 

@@ -4,7 +4,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from earlin_sklearn import BackboneFeatures, ChannelSelector, DistanceDetector, ShallowFeatureOODDetector
 
-from .conftest import AnyInputNet
+from earlin_sklearn.baselines import KNNDetector, LogitDetector
+
+from .conftest import AnyInputClassifier, AnyInputNet
 
 ESTIMATORS = [
     BackboneFeatures(AnyInputNet(), layer="act", device="cpu"),
@@ -16,6 +18,10 @@ ESTIMATORS = [
     ShallowFeatureOODDetector(AnyInputNet(), layer="act", device="cpu"),
     # A float64 backbone: the whole pipeline is then batch-size invariant to 1e-7.
     ShallowFeatureOODDetector(AnyInputNet().double(), layer="act", metric="euclidean", device="cpu"),
+    LogitDetector(AnyInputClassifier().double(), device="cpu"),
+    LogitDetector(AnyInputClassifier().double(), method="odin", temperature=10.0, device="cpu"),
+    LogitDetector(AnyInputClassifier().double(), method="energy", device="cpu"),
+    KNNDetector(k=3),
 ]
 
 
@@ -36,7 +42,7 @@ FLOAT32_BATCHES = (
 
 def expected_failed_checks(estimator):
     failed = {}
-    if isinstance(estimator, (BackboneFeatures, ShallowFeatureOODDetector)):
+    if isinstance(estimator, (BackboneFeatures, ShallowFeatureOODDetector, LogitDetector)):
         failed["check_estimators_overwrite_params"] = TORCH_PARAM_HASH
     if isinstance(estimator, ShallowFeatureOODDetector) and next(estimator.backbone.parameters()).dtype.itemsize == 4:
         failed["check_methods_subset_invariance"] = FLOAT32_BATCHES

@@ -1,0 +1,103 @@
+"""Shared by the benchmark scripts: the real data sets of ../shared/data, as normalized tensors.
+
+Never imported by the package or its tests.
+"""
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlin_sklearn.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet
+
+CHECKPOINTS = {20: "weights/resnet20-12fca82f.th", 56: "weights/resnet56-4bfd9763.th"}
+FAR_OOD = ["Tiny-ImageNet", "SVHN", "MNIST", "Gaussian noise", "Uniform noise"]
+NEAR_OOD = ["CIFAR-100"]
+
+
+def normalize(x_uint8_nhwc):
+    """uint8 NHWC images -> float32 NCHW tensor normalized for the CIFAR ResNets."""
+    x = torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2).float() / 255.0
+    return normalize_unit(x)
+
+
+def normalize_unit(x):
+    """Float NCHW images in [0, 1] -> normalized."""
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def load_npz(data_dir, name):
+    path = Path(data_dir) / name
+    if not path.exists():
+        raise SystemExit(f"{path} not found: pass --data-dir pointing at the shared benchmark data.")
+    return np.load(path)
+
+
+def load_sets(data_dir, max_ood=2000, n_noise=1000, seed=0):
+    """ID train/test and the OOD sets, as normalized NCHW float32 tensors.
+
+    Large OOD sets are subsampled (first ``max_ood`` images); noise follows
+    ODIN: Gaussian N(0.5, 1) clipped to [0, 1], and uniform U[0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    train = load_npz(data_dir, "cifar10_train_lossless5085.npz")
+    test = load_npz(data_dir, "cifar10_test_lossless1017.npz")
+    mnist = load_npz(data_dir, "mnist_test.npz")["x"][:max_ood]
+    m = torch.from_numpy(mnist).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.nn.functional.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    ood = {
+        "Tiny-ImageNet": normalize(load_npz(data_dir, "tinyimagenet_resize.npz")["x"][:max_ood]),
+        "SVHN": normalize(load_npz(data_dir, "svhn_train_partial288.npz")["x"]),
+        "MNIST": normalize_unit(m.clamp(0, 1)),
+        "Gaussian noise": normalize_unit(torch.from_numpy(np.clip(rng.normal(0.5, 1.0, (n_noise, 3, 32, 32)), 0, 1)).float()),
+        "Uniform noise": normalize_unit(torch.from_numpy(rng.uniform(0, 1, (n_noise, 3, 32, 32))).float()),
+        "CIFAR-100": normalize(load_npz(data_dir, "cifar100_test_partial148.npz")["x"]),
+    }
+    return (
+        (normalize(train["x"]), torch.from_numpy(train["y"])),
+        (normalize(test["x"]), torch.from_numpy(test["y"])),
+        ood,
+    )
+
+
+def load_model(data_dir, depth):
+    return cifar_resnet(depth, Path(data_dir) / CHECKPOINTS[depth])
+
+
+def machine():
+    """A short description of the machine the benchmark ran on."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float))
+
+
+def fingerprint(t):
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:12]

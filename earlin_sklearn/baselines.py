@@ -1,0 +1,266 @@
+"""Standard OOD detectors, with the same estimator API, to compare EARLIN against.
+
+- :class:`LogitDetector`: scores from the whole model's logits: maximum
+  softmax probability (MSP, Hendrycks & Gimpel 2017), energy (Liu et al.
+  2020), ODIN (Liang et al. 2018, fixed temperature and step, no tuning on
+  OOD data) and maximum logit.
+- :class:`KNNDetector`: distance to the k-th nearest ID training feature
+  (Sun et al. 2022); on L2-normalized penultimate features it is the KNN
+  baseline, and it composes after :class:`BackboneFeatures` at any layer.
+- Mahalanobis on penultimate features (Lee et al. 2018, without input
+  preprocessing or layer ensembles) is
+  ``ShallowFeatureOODDetector(model, layer=<penultimate>, metric="mahalanobis")``.
+
+All follow the package's conventions: ``score_samples`` higher = more ID,
+``offset_`` accepts ``target_tpr`` of the ID training data, ``predict`` in
+{+1, -1}.
+"""
+
+import copy
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from ._distance import offset_for_tpr
+from ._features import input_dtype, resolve_device
+from ._inputs import first_input, image_batches, is_torch_data, to_model_input, validate_images
+
+LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
+
+
+class _PredictMixin:
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for OOD."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for in-distribution, -1 for out-of-distribution."""
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+
+class LogitDetector(_PredictMixin, OutlierMixin, BaseEstimator):
+    """OOD scores from a classifier's logits: MSP, energy, ODIN or max logit.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier returning logits ``(N, n_classes)``. Copied and frozen.
+    method : {"msp", "energy", "odin", "maxlogit"}, default="msp"
+        ``"msp"``: max softmax(logits / T); ``"energy"``: T * logsumexp(logits / T);
+        ``"odin"``: MSP at temperature T after one input-perturbation step of
+        size ``epsilon`` that raises the predicted class's probability;
+        ``"maxlogit"``: the largest logit.
+    temperature : float, default=None
+        T; None: 1000 for ODIN, 1 otherwise.
+    epsilon : float, default=0.0014
+        ODIN perturbation size (in the units of ``input_std``).
+    input_std : sequence of float, default=None
+        Per-channel standard deviation of the input normalization: the ODIN
+        gradient is divided by it, so that ``epsilon`` is a step in [0, 1]
+        pixel units as in the ODIN paper.
+    target_tpr : float, default=0.95
+    batch_size : int, default=128
+    device : str or torch.device, default="auto"
+    verbose : int, default=0
+
+    Attributes
+    ----------
+    model_ : torch.nn.Module
+    offset_ : float
+    n_features_in_ : int
+    """
+
+    _parameter_constraints = {
+        "model": [torch.nn.Module],
+        "method": [StrOptions(set(LOGIT_SCORES))],
+        "temperature": [Interval(Real, 0, None, closed="neither"), None],
+        "epsilon": [Interval(Real, 0, None, closed="left")],
+        "input_std": ["array-like", None],
+        "target_tpr": [Interval(Real, 0, 1, closed="right")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(self, model, method="msp", *, temperature=None, epsilon=0.0014, input_std=None,
+                 target_tpr=0.95, batch_size=128, device="auto", verbose=0):
+        self.model = model
+        self.method = method
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.input_std = input_std
+        self.target_tpr = target_tpr
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Set the threshold on ID training data (nothing else is fitted).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+        y : ignored
+
+        Returns
+        -------
+        self : object
+        """
+        if is_torch_data(X):
+            sample = first_input(X, self.batch_size)
+            self.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
+        else:
+            X = validate_images(self, X, reset=True)
+        self.device_ = resolve_device(self.device)
+        self.model_ = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.device_)
+        self.offset_ = offset_for_tpr(self._scores(X), self.target_tpr)
+        return self
+
+    def score_samples(self, X):
+        """Higher = more in-distribution.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+
+        Returns
+        -------
+        scores : ndarray of shape (N,)
+        """
+        check_is_fitted(self)
+        if not is_torch_data(X):
+            X = validate_images(self, X, reset=False)
+        return self._scores(X)
+
+    def _scores(self, X):
+        batches, total = image_batches(X, self.batch_size)
+        out = [self._score_batch(x) for x, _ in tqdm(batches, total=total, desc=self.method, disable=self.verbose <= 0)]
+        if not out:
+            raise ValueError("Found no images: the data is empty.")
+        return np.concatenate(out).astype(np.float64)
+
+    def _score_batch(self, x):
+        x = to_model_input(x, self.device_, input_dtype(self.model_))
+        T = self.temperature if self.temperature is not None else (1000.0 if self.method == "odin" else 1.0)
+        if self.method == "odin":
+            x = self._odin_perturb(x, T)
+        with torch.inference_mode():
+            logits = self.model_(x).double()
+        if self.method == "maxlogit":
+            s = logits.max(dim=1).values
+        elif self.method == "energy":
+            s = T * torch.logsumexp(logits / T, dim=1)
+        else:
+            s = F.softmax(logits / T, dim=1).max(dim=1).values
+        return s.cpu().numpy()
+
+    def _odin_perturb(self, x, T):
+        x = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model_(x) / T
+            F.cross_entropy(logits, logits.argmax(dim=1)).backward()
+        step = torch.sign(x.grad)
+        if self.input_std is not None:
+            std = torch.as_tensor(np.asarray(self.input_std, dtype=np.float64), dtype=x.dtype, device=x.device)
+            step = step / std.view(1, -1, *([1] * (x.dim() - 2)))
+        return (x - self.epsilon * step).detach()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.target_tags.required = False
+        return tags
+
+
+class KNNDetector(_PredictMixin, OutlierMixin, BaseEstimator):
+    """Distance to the k-th nearest ID training sample, on (normalized) features.
+
+    Parameters
+    ----------
+    k : int, default=50
+        Which neighbour; capped at ``n_samples - 1`` (with a warning).
+    normalize : bool, default=True
+        L2-normalize features first (Sun et al. 2022).
+    target_tpr : float, default=0.95
+
+    Attributes
+    ----------
+    n_neighbors_ : int
+        The ``k`` actually used.
+    offset_ : float
+        Threshold, set on leave-one-out scores of the training data (a
+        training sample is not its own neighbour).
+    n_features_in_ : int
+    """
+
+    _parameter_constraints = {
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "normalize": ["boolean"],
+        "target_tpr": [Interval(Real, 0, 1, closed="right")],
+    }
+
+    def __init__(self, k=50, normalize=True, target_tpr=0.95):
+        self.k = k
+        self.normalize = normalize
+        self.target_tpr = target_tpr
+
+    def _prepare(self, X):
+        if self.normalize:
+            return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        return X
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Index the ID training features.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : object
+        """
+        X = self._prepare(validate_data(self, X, reset=True, dtype=np.float64))
+        n = X.shape[0]
+        k = min(self.k, max(n - 1, 1))
+        if k < self.k:
+            warnings.warn(f"k={self.k} needs more than {n} training samples; k={k} is used.", UserWarning, stacklevel=2)
+        self.n_neighbors_ = k
+        self.index_ = NearestNeighbors(n_neighbors=k).fit(X)
+        if n > k:  # leave-one-out: the nearest "neighbour" of a training sample is itself
+            train = -self.index_.kneighbors(X, n_neighbors=k + 1)[0][:, -1]
+        else:
+            train = -self.index_.kneighbors(X)[0][:, -1]
+        self.offset_ = offset_for_tpr(train, self.target_tpr)
+        return self
+
+    def score_samples(self, X):
+        """Minus the distance to the k-th nearest training sample (higher = more ID).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        X = self._prepare(validate_data(self, X, reset=False, dtype=np.float64))
+        return -self.index_.kneighbors(X)[0][:, -1]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        return tags
