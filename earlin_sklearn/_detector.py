@@ -30,12 +30,16 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         The pretrained model; copied and frozen, never modified.
     layer : str
         Dotted name of the detection layer, as in ``backbone.named_modules()``.
-    n_channels : int, float or "all", default="all"
-        Channels kept (see :class:`ChannelSelector`).
+    n_channels : int, float, "all" or "auto", default="auto"
+        Pooled features kept (see :class:`ChannelSelector`): with class labels
+        the best half by Fisher score, without them all.
     criterion : {"auto", "variance", "fisher"}, default="auto"
         Channel-selection criterion (see :class:`ChannelSelector`).
-    pooling : {"mean", "max", "meanstd"}, default="mean"
-        Per-channel reduction (see :class:`BackboneFeatures`).
+    pooling : {"mean", "max", "meanstd"}, default="meanstd"
+        Per-channel reduction (see :class:`BackboneFeatures`). The default
+        keeps each channel's mean (the EARLIN paper's reduction) and its
+        standard deviation: on CIFAR-10 ResNet-20 at ``layer1`` this raised the
+        mean far-OOD AUROC from 96.3 to 97.7 (docs/benchmarks.rst).
     metric : {"mahalanobis", "euclidean", "cosine"}, default="mahalanobis"
         Distance (see :class:`DistanceDetector`).
     class_conditional : {"auto", True, False}, default="auto"
@@ -82,7 +86,7 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         "n_channels": [
             Interval(Integral, 1, None, closed="left"),
             Interval(Real, 0, 1, closed="right"),
-            StrOptions({"all"}),
+            StrOptions({"all", "auto"}),
         ],
         "criterion": [StrOptions(set(CRITERIA))],
         "pooling": [StrOptions(set(POOLINGS))],
@@ -100,9 +104,9 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         backbone,
         layer,
         *,
-        n_channels="all",
+        n_channels="auto",
         criterion="auto",
-        pooling="mean",
+        pooling="meanstd",
         metric="mahalanobis",
         class_conditional="auto",
         target_tpr=0.95,

@@ -53,3 +53,9 @@ def test_fisher_without_labels_is_an_error(data):
 def test_bad_n_channels(data, bad):
     with pytest.raises(ValueError, match="n_channels"):
         ChannelSelector(n_channels=bad).fit(data[0])
+
+
+def test_auto_keeps_half_by_fisher_and_all_by_variance(data):
+    X, y = data
+    assert ChannelSelector().fit(X, y).channels_.size == 3
+    assert ChannelSelector().fit(X).channels_.size == 6
