@@ -34,7 +34,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        # the cloud server and the edge runner (earlin serve-cloud / run-edge)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        # benchmarks only: the peer library the baselines are validated against
+        "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6"],
         "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.6"],
         "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6"],

@@ -14,6 +14,7 @@ from ._distance import DistanceDetector
 from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput
 from ._export import save_split
 from ._features import BackboneFeatures
+from ._layer_choice import LayerRecommendation, recommend_layer
 from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
 from ._selection import ChannelSelector
 from ._split import available_split_points, split_model
@@ -29,6 +30,7 @@ __all__ = [
     "DistanceDetector",
     "EdgeModule",
     "EdgeOutput",
+    "LayerRecommendation",
     "ShallowFeatureOODDetector",
     "SplitCost",
     "available_split_points",
@@ -37,6 +39,7 @@ __all__ = [
     "make_pseudo_ood",
     "make_pseudo_ood_scorer",
     "metrics",
+    "recommend_layer",
     "save_split",
     "split_cost",
     "split_model",

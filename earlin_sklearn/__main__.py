@@ -1,6 +1,12 @@
-"""Command line: ``python -m earlin_sklearn demo`` (also installed as ``earlin demo``)."""
+"""Command line (also installed as ``earlin``).
+
+``python -m earlin_sklearn demo``: the offline end-to-end demo.
+``earlin serve-cloud SPLIT_DIR``: serve the cloud part of an exported split.
+``earlin run-edge SPLIT_DIR --input DATA``: run the edge part, upload ID inputs.
+"""
 
 import argparse
+import os
 import sys
 
 
@@ -10,11 +16,46 @@ def main(argv=None):
     demo = sub.add_parser("demo", help="run the whole method offline on scikit-learn's digits")
     demo.add_argument("--layer", default="layer1", help="detection layer of the demo CNN (stem, layer1, layer2)")
     demo.add_argument("--seed", type=int, default=0)
+
+    serve = sub.add_parser("serve-cloud", help="serve the exported cloud part over HTTP")
+    serve.add_argument("split_dir", help="directory written by earlin_sklearn.save_split")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"),
+                       help="require 'Authorization: Bearer TOKEN' (default: $EARLIN_TOKEN, or none)")
+    serve.add_argument("--max-bytes", type=int, default=64 * 2**20, help="largest request body")
+
+    edge = sub.add_parser("run-edge", help="run the exported edge part on a stream, upload ID inputs")
+    edge.add_argument("split_dir", help="directory written by earlin_sklearn.save_split")
+    edge.add_argument("--url", default="http://127.0.0.1:8000", help="the cloud server")
+    edge.add_argument("--input", required=True, help="an .npz file (x, optional y) or a directory of images")
+    edge.add_argument("--mean", type=float, nargs="+", help="per-channel mean to normalize uint8 images (after /255)")
+    edge.add_argument("--std", type=float, nargs="+", help="per-channel std to normalize uint8 images")
+    edge.add_argument("--upload", choices=["activations", "raw", "auto"], default="auto")
+    edge.add_argument("--encoding", choices=["float32", "float16", "int8"], default="float32")
+    edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
+    edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
 
         run_demo(layer=args.layer, seed=args.seed)
+    elif args.command == "serve-cloud":
+        from ._server import serve
+
+        serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+    elif args.command == "run-edge":
+        if (args.mean is None) != (args.std is None):
+            parser.error("--mean and --std go together")
+        from ._edge_runner import EdgeRunner, read_inputs, summarize
+
+        X, y = read_inputs(args.input, args.mean, args.std)
+        with EdgeRunner(args.split_dir, args.url, upload=args.upload, encoding=args.encoding, token=args.token) as runner:
+            records = runner.run(X, labels=y, log=args.log)
+        summary = summarize(records)
+        print(f"{summary['inputs']} inputs, {summary['uploaded']} uploaded ({runner.upload}, {args.encoding}), "
+              f"{summary['bytes_sent']} bytes sent, latency p50 {summary['latency_p50_ms']:.2f} ms, "
+              f"p95 {summary['latency_p95_ms']:.2f} ms; log: {args.log}")
     return 0
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._cost import count_flops
+
 FORMATS = ("pt2", "onnx")
 
 
@@ -103,7 +105,11 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS):
                     module, args, str(paths[f"{name}.onnx"]), dynamo=True, dynamic_shapes=shapes,
                     input_names=ins, output_names=outs_, verbose=False,
                 )
+    x1 = x[:1]
+    edge_flops = count_flops(flat, x1)
+    cloud_flops = count_flops(cloud.suffix, *[p[:1] for p in payload])
     manifest = {
+        "format": "earlin-split/1",
         "input_shape": list(x.shape[1:]),
         "input_dtype": str(x.dtype).replace("torch.", ""),
         "pooling": edge.pooling,
@@ -113,6 +119,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS):
             {"name": n, "shape": list(p.shape[1:]), "dtype": str(p.dtype).replace("torch.", "")}
             for n, p in zip(cloud_inputs, payload)
         ],
+        "flops": {"edge": edge_flops, "cloud": cloud_flops, "full": edge_flops + cloud_flops},
         "cloud_version": _digest(cloud),
         "edge_version": _digest(edge),
         "files": sorted(k for k in paths),

@@ -1,0 +1,208 @@
+"""Speed and memory of earlin_sklearn, as ratios measured side by side in one run.
+
+    python benchmarks/bench_speed.py --data-dir ../shared/data
+
+1. Feature extraction: BackboneFeatures at layer1 vs a bare forward of the same prefix
+   (ResNet-20, CIFAR-10 images), and vs a full forward (also torchvision resnet18 at 224x224).
+2. The detector head's share of the edge module's latency (batch 1 and batch 64).
+3. Tuning 8 downstream candidates (n_channels x metric, 3-fold GridSearchCV) on features
+   extracted once, vs one detector fit.
+4. Fit + score time of ours vs pytorch-ood's Mahalanobis on the same layer1 channel means.
+5. Peak memory while fitting on 5,000 images (pooled features only), in a fresh process.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import load_model, load_sets, machine, write_json  # noqa: E402
+
+from earlin_sklearn import (  # noqa: E402
+    BackboneFeatures,
+    ChannelSelector,
+    DistanceDetector,
+    ShallowFeatureOODDetector,
+    make_ood_scorer,
+    split_model,
+)
+
+
+def best_time(fn, repeat=3):
+    """Minimum wall time of ``repeat`` calls (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def batched(fn, X, bs):
+    for i in range(0, len(X), bs):
+        fn(X[i : i + bs])
+
+
+def extraction(model, X, layer, bs, label):
+    prefix, _ = split_model(model, layer)
+    ft = BackboneFeatures(model, layer, batch_size=bs, device="cpu").fit(X[:2])
+    Xn = X.numpy()
+
+    def bare():
+        with torch.inference_mode():
+            batched(prefix, X, bs)
+
+    def full():
+        with torch.inference_mode():
+            batched(model, X, bs)
+
+    t_ours = best_time(lambda: ft.transform(Xn))
+    t_bare = best_time(bare)
+    t_full = best_time(full)
+    row = {
+        "model": label, "layer": layer, "images": len(X),
+        "ours_img_s": len(X) / t_ours, "bare_prefix_img_s": len(X) / t_bare, "full_forward_img_s": len(X) / t_full,
+        "ours_vs_bare_prefix": t_bare / t_ours, "speedup_vs_full_forward": t_full / t_ours,
+    }
+    print(f"[1] {label} {layer}: ours {row['ours_img_s']:.0f} img/s, bare prefix {row['bare_prefix_img_s']:.0f} img/s "
+          f"(ratio {row['ours_vs_bare_prefix']:.2f}), full forward {row['full_forward_img_s']:.0f} img/s "
+          f"(ours is {row['speedup_vs_full_forward']:.2f}x faster)", flush=True)
+    return row
+
+
+def head_share(det, X):
+    edge, _ = det.export_split()
+    rows = []
+    for batch in (1, 64):
+        x = X[:batch]
+        with torch.inference_mode():
+            n = 200 if batch == 1 else 20
+            t_edge = best_time(lambda: [edge(x) for _ in range(n)], repeat=5) / n
+            t_prefix = best_time(lambda: [edge.prefix(x) for _ in range(n)], repeat=5) / n
+        share = max(t_edge - t_prefix, 0.0) / t_edge
+        rows.append({"batch": batch, "edge_ms": 1e3 * t_edge, "prefix_ms": 1e3 * t_prefix, "head_share": share})
+        print(f"[2] batch {batch}: edge module {1e3 * t_edge:.3f} ms, prefix alone {1e3 * t_prefix:.3f} ms, "
+              f"head (pooling + distance) {100 * share:.1f}% of the edge latency", flush=True)
+    return rows
+
+
+def tuning(model, Xtr, ytr, X_ood, bs):
+    t_one = best_time(lambda: ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu").fit(Xtr, ytr), repeat=1)
+
+    def tune():
+        ft = BackboneFeatures(model, "layer1", batch_size=bs, device="cpu").fit(Xtr[:2])
+        F_id, F_ood = ft.transform(Xtr), ft.transform(X_ood)  # the only backbone passes
+        grid = {"select__n_channels": [4, 8, 16, "all"], "distance__metric": ["mahalanobis", "euclidean"]}
+        pipe = Pipeline([("select", ChannelSelector()), ("distance", DistanceDetector())])
+        return GridSearchCV(pipe, grid, scoring=make_ood_scorer(F_ood), cv=3).fit(F_id, ytr)
+
+    t0 = time.perf_counter()
+    search = tune()
+    t_tune = time.perf_counter() - t0
+    row = {"one_fit_s": t_one, "grid_search_s": t_tune, "ratio": t_tune / t_one, "candidates": len(search.cv_results_["params"]),
+           "folds": 3, "best_params": search.best_params_}
+    print(f"[3] GridSearchCV, {row['candidates']} candidates x 3 folds on features extracted once: {t_tune:.1f} s "
+          f"vs one fit {t_one:.1f} s = {row['ratio']:.2f}x", flush=True)
+    return row
+
+
+def versus_pytorch_ood(model, Xtr, ytr, X_eval, bs):
+    try:
+        from pytorch_ood.detector import Mahalanobis
+    except ImportError:
+        print("[4] pytorch-ood not installed: skipped")
+        return None
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    def ours():
+        det = ShallowFeatureOODDetector(model, "layer1", pooling="mean", n_channels="all", batch_size=bs, device="cpu")
+        det.fit(Xtr, ytr)
+        return det.score_samples(X_eval)
+
+    body = create_feature_extractor(model, {"layer1": "f"})
+
+    def encoder(x):  # what a pytorch-ood user writes: a prefix network, then channel means
+        return body(x)["f"].mean(dim=(2, 3))
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=bs)
+
+    def peer():
+        det = Mahalanobis(encoder).fit(loader)
+        with torch.no_grad():
+            return -torch.cat([det.predict(X_eval[i : i + bs]) for i in range(0, len(X_eval), bs)]).numpy()
+
+    t_ours, t_peer = best_time(ours, repeat=2), best_time(peer, repeat=2)
+    row = {"ours_s": t_ours, "pytorch_ood_s": t_peer, "speedup": t_peer / t_ours}
+    print(f"[4] fit + score, layer1 channel means, Mahalanobis: ours {t_ours:.1f} s, pytorch-ood {t_peer:.1f} s "
+          f"(ours {row['speedup']:.2f}x faster)", flush=True)
+    return row
+
+
+MEMORY_CHILD = """
+import resource, sys, json, torch
+sys.path.insert(0, {bench!r})
+from common import load_model, load_sets
+from earlin_sklearn import ShallowFeatureOODDetector
+(Xtr, ytr), _, _ = load_sets({data!r}, max_ood=1, n_noise=1)
+Xtr, ytr = Xtr[:5000].clone(), ytr[:5000].clone()
+model = load_model({data!r}, 20)
+with torch.inference_mode():
+    model(Xtr[:{bs}])  # warm the allocator: what any forward costs
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ShallowFeatureOODDetector(model, "layer1", batch_size={bs}, device="cpu").fit(Xtr, ytr)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"rss_before_fit_mib": base / 1024, "rss_peak_mib": peak / 1024, "fit_extra_mib": (peak - base) / 1024}}))
+"""
+
+
+def memory(data_dir, bs):
+    code = MEMORY_CHILD.format(bench=str(Path(__file__).parent), data=str(data_dir), bs=bs)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["images"] = 5000
+    row["stored_activations_would_be_mib"] = 5000 * 16 * 32 * 32 * 4 / 2**20
+    row["input_images_mib"] = 5000 * 3 * 32 * 32 * 4 / 2**20
+    print(f"[5] fitting on 5,000 images: peak RSS grows by {row['fit_extra_mib']:.0f} MiB over the loaded data and model "
+          f"(storing layer1 activations would take {row['stored_activations_would_be_mib']:.0f} MiB; "
+          f"the images themselves take {row['input_images_mib']:.0f} MiB)", flush=True)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-images", type=int, default=2048, help="images for the throughput measurements")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed"))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    bs = args.batch_size
+    (Xtr, ytr), (Xte, _), ood = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
+    model = load_model(args.data_dir, 20)
+    import torchvision
+
+    results = {"machine": machine(), "args": vars(args)}
+    results["extraction"] = [extraction(model, Xtr[: args.n_images], "layer1", bs, "CIFAR ResNet-20 (32x32)")]
+    r18 = torchvision.models.resnet18().eval()
+    results["extraction"].append(extraction(r18, torch.randn(64, 3, 224, 224), "layer1", 32, "torchvision resnet18 (224x224)"))
+    det = ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu").fit(Xtr, ytr)
+    results["head_share"] = head_share(det, Xte)
+    results["tuning"] = tuning(model, Xtr, ytr.numpy(), ood["Tiny-ImageNet"], bs)
+    X_eval = torch.cat([Xte, ood["Tiny-ImageNet"]])
+    results["vs_pytorch_ood"] = versus_pytorch_ood(model, Xtr, ytr, X_eval, bs)
+    results["memory"] = memory(args.data_dir, bs)
+    out = Path(args.out)
+    write_json(out / "results.json", results)
+    print(f"wrote {out}/results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Choosing the cut without OOD data: sweep layers under an edge budget, score with pseudo-OOD."""
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.model_selection import GridSearchCV
+
+from ._cost import count_flops
+from ._detector import ShallowFeatureOODDetector
+from ._features import input_dtype
+from ._scorers import make_pseudo_ood_scorer
+from ._split import available_split_points, split_model
+
+
+def edge_flops_fraction(backbone, layer, example):
+    """Share of ``backbone``'s FLOPs (on ``example``) spent up to and including ``layer``."""
+    prefix, _ = split_model(backbone, layer)
+    return count_flops(prefix, example) / max(count_flops(backbone, example), 1)
+
+
+def default_candidates(backbone):
+    """Called layers at most two levels deep (``"layer1"``, ``"features.3"``), in execution order."""
+    return [n for n in available_split_points(backbone) if n.count(".") <= 1]
+
+
+@dataclass
+class LayerRecommendation:
+    """Result of :func:`recommend_layer`; print it for a table."""
+
+    layer: str
+    params: dict
+    table: list = field(default_factory=list)
+    budget: float = 1.0
+
+    def __str__(self):
+        lines = [f"{'layer':<24}{'edge FLOPs':>11}{'n_channels':>12}{'pseudo-OOD AUROC':>18}"]
+        for row in self.table:
+            mark = "  <- recommended" if (row["layer"], row["n_channels"]) == (self.layer, self.params["n_channels"]) else ""
+            lines.append(f"{row['layer']:<24}{100 * row['edge_flops']:>10.1f}%{str(row['n_channels']):>12}"
+                         f"{100 * row['pseudo_auroc']:>17.2f}%{mark}")
+        lines.append(f"(edge budget {100 * self.budget:.0f}% of the model's FLOPs; scored on held-out ID folds "
+                     "against pseudo-OOD made from them: no OOD data used)")
+        return "\n".join(lines)
+
+
+def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_channels=("auto",),
+                    tolerance=0.005, cv=3, n_jobs=None, **detector_params):
+    """Recommend a detection layer (the cut) from ID data only.
+
+    Each candidate layer within the edge budget (and each ``n_channels``) is
+    fitted on ID folds and scored by :func:`make_pseudo_ood_scorer` on the
+    held-out fold. The recommendation is the cheapest candidate whose score
+    is within ``tolerance`` of the best one.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+    X : array-like or tensor of shape (N, C, H, W)
+        ID images.
+    y : array-like of shape (N,), default=None
+        ID class labels.
+    layers : list of str, default=None
+        Candidates; default: the called layers at most two levels deep.
+    max_edge_flops : float, default=0.5
+        Largest share of the model's FLOPs that the edge may run.
+    n_channels : sequence, default=("auto",)
+        Values of ``n_channels`` to try at each layer.
+    tolerance : float, default=0.005
+        Scores within this of the best count as ties; the cheaper layer wins.
+    cv : int, default=3
+    n_jobs : int, default=None
+        Passed to ``GridSearchCV``.
+    **detector_params
+        Other :class:`ShallowFeatureOODDetector` parameters.
+
+    Returns
+    -------
+    recommendation : LayerRecommendation
+        ``.layer``, ``.params`` (the winning ``layer`` and ``n_channels``) and
+        ``.table`` (every candidate with its edge FLOPs share and score).
+    """
+    if not isinstance(X, torch.Tensor):
+        X = np.asarray(X)
+    frozen = copy.deepcopy(backbone).eval()  # counting FLOPs runs it: never the user's model
+    example = torch.as_tensor(np.asarray(X[:1]), dtype=input_dtype(frozen))
+    candidates = layers if layers is not None else default_candidates(frozen)
+    costs = {}
+    for layer in candidates:
+        try:
+            costs[layer] = edge_flops_fraction(frozen, layer, example)
+        except ValueError:
+            continue  # not a valid cut point
+    within = [layer for layer in candidates if layer in costs and costs[layer] <= max_edge_flops]
+    if not within:
+        raise ValueError(f"No candidate layer runs within {100 * max_edge_flops:.0f}% of the model's FLOPs: "
+                         f"{ {k: round(v, 3) for k, v in costs.items()} }.")
+    search = GridSearchCV(
+        ShallowFeatureOODDetector(backbone, within[0], **detector_params),
+        {"layer": within, "n_channels": list(n_channels)},
+        scoring=make_pseudo_ood_scorer(),
+        cv=cv,
+        n_jobs=n_jobs,
+        refit=False,
+    ).fit(X, y)
+    table = [
+        {"layer": p["layer"], "n_channels": p["n_channels"], "edge_flops": costs[p["layer"]], "pseudo_auroc": float(s)}
+        for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])
+    ]
+    best = max(r["pseudo_auroc"] for r in table)
+    pick = min((r for r in table if r["pseudo_auroc"] >= best - tolerance), key=lambda r: (r["edge_flops"], -r["pseudo_auroc"]))
+    return LayerRecommendation(pick["layer"], {"layer": pick["layer"], "n_channels": pick["n_channels"]}, table, max_edge_flops)

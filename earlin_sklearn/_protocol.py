@@ -1,0 +1,80 @@
+"""The wire format between the edge runner and the cloud server: batches of tensors as raw bytes.
+
+A request body is the batch's tensors one after another, each C-contiguous
+and little-endian, encoded as:
+
+- ``float32`` or ``float16``: the values;
+- ``int8``: per tensor, ``N`` float32 scales, ``N`` float32 offsets, then the
+  ``uint8`` codes (per-input affine quantization, see :func:`quantize_uint8`).
+
+Headers carry what the body cannot: ``X-Earlin-Batch`` (N),
+``X-Earlin-Encoding`` and ``X-Earlin-Version`` (the cloud model the payload
+was cut for; activations of another model would be silently wrong).
+"""
+
+import numpy as np
+import torch
+
+from ._cost import dequantize_uint8, quantize_uint8
+
+ENCODINGS = ("float32", "float16", "int8")
+HEADER_BATCH = "X-Earlin-Batch"
+HEADER_ENCODING = "X-Earlin-Encoding"
+HEADER_VERSION = "X-Earlin-Version"
+
+
+def encoded_size(shapes, batch, encoding):
+    """Bytes of a body holding ``batch`` inputs of tensors with per-input ``shapes``."""
+    per = [int(np.prod(s)) for s in shapes]
+    if encoding == "float32":
+        return 4 * batch * sum(per)
+    if encoding == "float16":
+        return 2 * batch * sum(per)
+    if encoding == "int8":
+        return batch * sum(per) + 8 * batch * len(per)
+    raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}.")
+
+
+def encode(tensors, encoding):
+    """Bytes of the tensors (each of shape (N, ...)) in ``encoding``."""
+    parts = []
+    for t in tensors:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        if encoding == "float32":
+            parts.append(t.numpy().astype("<f4", copy=False).tobytes())
+        elif encoding == "float16":
+            parts.append(t.numpy().astype("<f2").tobytes())
+        elif encoding == "int8":
+            codes, scale, low = quantize_uint8(t)
+            parts += [scale.numpy().astype("<f4").tobytes(), low.numpy().astype("<f4").tobytes(), codes.numpy().tobytes()]
+        else:
+            raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}.")
+    return b"".join(parts)
+
+
+def decode(body, shapes, batch, encoding):
+    """Float32 tensors ``(batch, *shape)`` from a body; ValueError if it does not fit exactly."""
+    expected = encoded_size(shapes, batch, encoding)
+    if len(body) != expected:
+        raise ValueError(
+            f"body has {len(body)} bytes; {batch} input(s) of shapes {[list(s) for s in shapes]} "
+            f"in {encoding} take {expected} bytes (wrong shape, batch size, encoding or truncated body)."
+        )
+    out, pos = [], 0
+    for shape in shapes:
+        n = batch * int(np.prod(shape))
+        if encoding == "int8":
+            scale = torch.from_numpy(np.frombuffer(body, "<f4", batch, pos).copy())
+            low = torch.from_numpy(np.frombuffer(body, "<f4", batch, pos + 4 * batch).copy())
+            pos += 8 * batch
+            codes = torch.from_numpy(np.frombuffer(body, "u1", n, pos).copy()).view(batch, *shape)
+            pos += n
+            t = dequantize_uint8(codes, scale, low)
+        else:
+            dtype, size = ("<f4", 4) if encoding == "float32" else ("<f2", 2)
+            t = torch.from_numpy(np.frombuffer(body, dtype, n, pos).astype(np.float32)).view(batch, *shape)
+            pos += size * n
+        if not torch.isfinite(t).all():
+            raise ValueError("the payload holds NaN or infinite values.")
+        out.append(t)
+    return out

@@ -1,0 +1,146 @@
+"""The real cloud server on a free loopback port, the real edge runner against it."""
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
+from earlin_sklearn._edge_runner import EdgeRunner, choose_upload, read_inputs, summarize  # noqa: E402
+from earlin_sklearn._protocol import encode  # noqa: E402
+from earlin_sklearn._server import create_app  # noqa: E402
+
+from .conftest import make_images, make_tiny_cnn  # noqa: E402
+
+TOKEN = "s3cret"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    model = make_tiny_cnn()
+    X, y = make_images(90)
+    det = ShallowFeatureOODDetector(model, "layer1", device="cpu").fit(X, y)
+    split_dir = tmp_path_factory.mktemp("split")
+    edge, cloud = det.export_split()
+    save_split(edge, cloud, split_dir, torch.from_numpy(X[:4]), formats=("pt2",))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(split_dir, token=TOKEN, max_bytes=100_000),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield {"model": model, "det": det, "dir": split_dir, "url": f"http://127.0.0.1:{port}"}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def stream():
+    X_id, y_id = make_images(20, seed=7)
+    X_ood = np.random.default_rng(3).uniform(-3, 3, size=(10, 3, 12, 12)).astype(np.float32)
+    return torch.from_numpy(np.concatenate([X_id, X_ood])), np.r_[y_id, -np.ones(10, int)]
+
+
+@pytest.mark.parametrize("upload,encoding", [("activations", "float32"), ("raw", "float32"), ("activations", "float16")])
+def test_edge_runner_against_the_server(deployment, upload, encoding, tmp_path):
+    X, y = stream()
+    with torch.no_grad():
+        full = deployment["model"](X).argmax(1).numpy()
+    expected_id = deployment["det"].predict(X) == 1
+    with EdgeRunner(deployment["dir"], deployment["url"], upload=upload, encoding=encoding, token=TOKEN) as runner:
+        records = runner.run(X, labels=y, log=tmp_path / "log.jsonl")
+    assert [r.is_id for r in records] == expected_id.tolist()
+    assert 0 < sum(expected_id) < len(X)
+    for r in records:
+        if r.is_id:
+            assert r.uploaded == upload and r.bytes_sent > 0
+            if encoding == "float32":
+                assert r.prediction == full[r.index]  # exactly the in-process full model
+        else:
+            assert r.uploaded == "" and r.bytes_sent == 0 and r.prediction == -1  # OOD: nothing sent
+    if encoding == "float16":
+        agree = np.mean([r.prediction == full[r.index] for r in records if r.is_id])
+        assert agree >= 0.9
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == len(X) and set(json.loads(lines[0])) >= {"is_id", "score", "bytes_sent", "latency_ms", "prediction"}
+    summary = summarize(records)
+    assert summary["uploaded"] == sum(expected_id) and summary["bytes_sent"] == sum(r.bytes_sent for r in records)
+
+
+def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment):
+    manifest = json.loads((deployment["dir"] / "split.json").read_text())
+    shapes = [p["shape"] for p in manifest["payload"]]
+    good = encode([torch.zeros(1, *s) for s in shapes], "float32")
+    auth = {"Authorization": f"Bearer {TOKEN}", "X-Earlin-Version": manifest["cloud_version"]}
+    with httpx.Client(base_url=deployment["url"]) as c:
+        cases = [
+            ({"Authorization": "Bearer nope"}, good, 401),
+            ({}, good, 401),
+            ({**auth, "X-Earlin-Version": "0" * 16}, good, 409),
+            ({**auth, "X-Earlin-Encoding": "bfloat16"}, good, 415),
+            ({**auth, "X-Earlin-Batch": "two"}, good, 400),
+            ({**auth, "X-Earlin-Batch": "0"}, good, 400),
+            ({**auth, "X-Earlin-Batch": "2"}, good, 400),  # wrong shape: one input's bytes for two
+            ({**auth, "X-Earlin-Encoding": "float16"}, good, 400),  # wrong dtype for the body
+            (auth, good[:-10], 400),  # truncated body
+            (auth, good + b"\0" * 8, 400),
+            (auth, b"\0" * 100_001, 413),  # over the server's limit
+            (auth, encode([torch.full((1, *s), float("nan")) for s in shapes], "float32"), 400),
+        ]
+        for headers, body, status in cases:
+            r = c.post("/v1/activations", content=body, headers=headers)
+            assert r.status_code == status, (headers, r.status_code, r.text)
+            assert r.json()["detail"]
+        r = c.post("/v1/raw", content=b"\0" * 7, headers=auth)
+        assert r.status_code == 400 and "bytes" in r.json()["detail"]
+        # still serving
+        ok = c.post("/v1/activations", content=good, headers=auth)
+        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 1
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["version"] == manifest["cloud_version"]
+
+
+def test_server_errors_are_reported_by_the_runner(deployment):
+    X, _ = stream()
+    with EdgeRunner(deployment["dir"], deployment["url"], upload="activations", token="wrong") as runner:
+        with pytest.raises(RuntimeError, match="401"):
+            runner.run(X[:20])
+
+
+def test_auto_upload_follows_the_cost_model(deployment):
+    manifest = json.loads((deployment["dir"] / "split.json").read_text())
+    # a layer1 activation (12 x 12 x 12) is 4x the input (3 x 12 x 12): on a slow link, send the input
+    assert choose_upload(manifest, uplink_mbit_s=1.0) == "raw"
+    # on an infinitely fast link with a slow cloud, send activations (the cloud then runs less)
+    assert choose_upload(manifest, uplink_mbit_s=1e12, cloud_gflop_s=1e-3) == "activations"
+
+
+def test_read_inputs(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (5, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(5))
+    X, y = read_inputs(tmp_path / "d.npz", mean=[0.5] * 3, std=[0.25] * 3)
+    assert X.shape == (5, 3, 12, 12) and y.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(X[0, 0, 0, 0].item(), (x[0, 0, 0, 0] / 255 - 0.5) / 0.25, rtol=1e-6)
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(x[i]).save(tmp_path / "imgs" / f"{i}.png")
+    X, y = read_inputs(tmp_path / "imgs")
+    assert X.shape == (3, 3, 12, 12) and y is None
+    np.testing.assert_allclose(X[1].permute(1, 2, 0).numpy() * 255, x[1], atol=1e-4)
