@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline

@@ -2,7 +2,6 @@
 
 from numbers import Integral, Real
 
-import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.pipeline import Pipeline
@@ -14,9 +13,10 @@ from ._edge import build_split
 from ._features import POOLINGS, BackboneFeatures
 from ._inputs import is_torch_data
 from ._selection import CRITERIA, ChannelSelector
+from ._threshold import ThresholdMixin
 
 
-class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
+class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     """Early OOD detection from a shallow layer of a frozen CNN (EARLIN).
 
     Taps ``layer`` of the backbone, pools each channel's feature map to a
@@ -184,32 +184,6 @@ class ShallowFeatureOODDetector(OutlierMixin, BaseEstimator):
         if is_torch_data(X):
             return self.pipeline_[1:].score_samples(self.pipeline_[0].transform(X))
         return self.pipeline_.score_samples(X)
-
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for OOD.
-
-        Parameters
-        ----------
-        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
-
-        Returns
-        -------
-        decision : ndarray of shape (N,)
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for in-distribution (upload), -1 for out-of-distribution (reject).
-
-        Parameters
-        ----------
-        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
-
-        Returns
-        -------
-        labels : ndarray of shape (N,), int
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
 
     def export_split(self):
         """Split the backbone at ``layer`` into the edge and cloud modules.

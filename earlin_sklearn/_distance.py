@@ -11,6 +11,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._threshold import ThresholdMixin, offset_for_tpr
+
 METRICS = ("mahalanobis", "euclidean", "cosine")
 
 
@@ -57,22 +59,7 @@ def min_centroid_distance(X, centroids, metric, whitening=None):
     return d[np.arange(d.shape[0]), nearest], nearest
 
 
-def offset_for_tpr(scores, target_tpr):
-    """Threshold that accepts (score >= threshold) at least ``target_tpr`` of ``scores``.
-
-    It lies halfway between the highest rejected and the lowest accepted
-    training score rather than on a training score, so float rounding of
-    the order of 1e-7 (float32 features computed in another batch size, or on
-    the edge device) cannot flip a training sample's decision.
-    """
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n_reject = int(np.floor(s.size * (1.0 - target_tpr) + 1e-9))
-    if n_reject == 0:
-        return float(s[0] - max(1e-9, 1e-6 * abs(s[0])))
-    return float(0.5 * (s[n_reject - 1] + s[n_reject]))
-
-
-class DistanceDetector(OutlierMixin, BaseEstimator):
+class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     """OOD detector on reduced features: distance to the nearest ID centroid.
 
     With class labels the centroids are the class means (distance to the
@@ -193,7 +180,7 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
         scores = np.empty(X.shape[0])
         for train, held_out in folds:
             # classes missing from a training fold keep no centroid there
-            present, local = np.unique(y_idx[train], return_inverse=True)
+            _, local = np.unique(y_idx[train], return_inverse=True)
             centroids, precision = self._estimate(X[train], local)
             whitening = None if precision is None else whitening_from_precision(precision)
             scores[held_out] = -min_centroid_distance(X[held_out], centroids, self.metric, whitening)[0]
@@ -217,32 +204,6 @@ class DistanceDetector(OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         return self._scores(X)
-
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for OOD.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        decision : ndarray of shape (n_samples,)
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for in-distribution, -1 for out-of-distribution.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        labels : ndarray of shape (n_samples,), int
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -29,24 +29,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._distance import offset_for_tpr
 from ._features import input_dtype, resolve_device
 from ._inputs import first_input, image_batches, is_torch_data, to_model_input, validate_images
+from ._threshold import ThresholdMixin, offset_for_tpr
 
 LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
 
 
-class _PredictMixin:
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for OOD."""
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for in-distribution, -1 for out-of-distribution."""
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
-
-class LogitDetector(_PredictMixin, OutlierMixin, BaseEstimator):
+class LogitDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     """OOD scores from a classifier's logits: MSP, energy, ODIN or max logit.
 
     Parameters
@@ -181,7 +171,7 @@ class LogitDetector(_PredictMixin, OutlierMixin, BaseEstimator):
         return tags
 
 
-class KNNDetector(_PredictMixin, OutlierMixin, BaseEstimator):
+class KNNDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     """Distance to the k-th nearest ID training sample, on (normalized) features.
 
     Parameters

@@ -6,8 +6,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from earlin_sklearn.baselines import KNNDetector, LogitDetector
 
-from .conftest import make_images, make_tiny_cnn
-
 
 def logits_of(net, X):
     with torch.no_grad():

@@ -3,7 +3,6 @@
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from earlin_sklearn import BackboneFeatures, ChannelSelector, DistanceDetector, ShallowFeatureOODDetector
-
 from earlin_sklearn.baselines import KNNDetector, LogitDetector
 
 from .conftest import AnyInputClassifier, AnyInputNet

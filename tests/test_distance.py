@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from earlin_sklearn import DistanceDetector
-from earlin_sklearn._distance import offset_for_tpr
+from earlin_sklearn._threshold import offset_for_tpr
 
 
 @pytest.fixture
