@@ -41,39 +41,44 @@ class DetectorHead(nn.Module):
     metric : {"mahalanobis", "euclidean", "cosine"}
     offset : float
         Threshold on the score.
+    n_pooled : int, default=None
+        Number of pooled features before selection (default: the largest
+        selected index + 1).
     """
 
-    def __init__(self, channels, centroids, whitening, metric, offset):
+    def __init__(self, channels, centroids, whitening, metric, offset, n_pooled=None):
         super().__init__()
         self.metric = metric
+        channels = np.asarray(channels)
         centroids = np.asarray(centroids, dtype=np.float64)
         w = np.eye(centroids.shape[1]) if whitening is None else np.asarray(whitening, dtype=np.float64)
         if metric == "cosine":
             centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-        elif metric == "mahalanobis":
-            centroids = centroids @ w
-        self.register_buffer("channels", torch.as_tensor(np.asarray(channels), dtype=torch.long))
-        self.register_buffer("whitening", torch.as_tensor(w))
-        # centroids already whitened (Mahalanobis) or normalized (cosine), as min_centroid_distance does
+            w = np.eye(centroids.shape[1])  # select only: normalization comes after
+        else:
+            centroids = centroids @ w  # whitened (Mahalanobis) as min_centroid_distance does
+        # channel selection folded into one matrix: pooled @ projection == pooled[:, channels] @ w
+        n_pooled = int(channels.max()) + 1 if n_pooled is None else int(n_pooled)
+        projection = np.zeros((n_pooled, w.shape[1]))
+        projection[channels] = w
+        self.register_buffer("projection", torch.as_tensor(projection))
         self.register_buffer("centroids", torch.as_tensor(centroids))
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
 
     @classmethod
     def from_steps(cls, select, distance):
         """Build from a fitted :class:`ChannelSelector` and :class:`DistanceDetector`."""
-        return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, distance.offset_)
+        return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, distance.offset_,
+                   n_pooled=select.n_features_in_)
 
     def forward(self, pooled):
-        x = pooled.to(torch.float64).index_select(1, self.channels)
+        x = pooled.to(torch.float64) @ self.projection
         if self.metric == "cosine":
             x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        elif self.metric == "mahalanobis":
-            x = x @ self.whitening
-        diff = x[:, None, :] - self.centroids[None, :, :]
-        d = diff.pow(2).sum(dim=2).sqrt()
+        d = (x[:, None, :] - self.centroids[None, :, :]).square().sum(dim=2)
         if self.metric == "cosine":
-            d = 0.5 * d.pow(2)
-        return -d.min(dim=1).values
+            return -0.5 * d.min(dim=1).values  # 1 - cos for unit vectors
+        return -d.min(dim=1).values.sqrt()
 
 
 class EdgeModule(nn.Module):

@@ -43,7 +43,10 @@ def pool_activation(activation, pooling):
     if pooling == "max":
         return flat.amax(dim=2)
     if pooling == "meanstd":
-        return torch.cat([flat.mean(dim=2), flat.std(dim=2, correction=0)], dim=1)
+        # two passes by hand: as exact as torch.std here and several times faster on the CPU
+        mean = flat.mean(dim=2, keepdim=True)
+        std = (flat - mean).square().mean(dim=2).sqrt()
+        return torch.cat([mean.squeeze(2), std], dim=1)
     raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
 
 
@@ -150,9 +153,11 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         Dotted name of the layer to tap, as in ``backbone.named_modules()``
         (e.g. ``"layer1"`` or ``"features.3"``). If the layer is called several
         times in a forward pass, its first call is tapped.
-    pooling : {"mean", "max", "meanstd"}, default="mean"
-        How each channel's feature map becomes numbers: mean (EARLIN), max, or
-        mean and standard deviation (two features per channel).
+    pooling : {"mean", "max", "meanstd"}, default="meanstd"
+        How each channel's feature map becomes numbers: mean (the EARLIN
+        paper's reduction), max, or mean and standard deviation (two features
+        per channel; the default, which detected OOD inputs best in
+        docs/benchmarks.rst).
     batch_size : int, default=128
         Images per forward pass.
     device : str or torch.device, default="auto"
@@ -182,8 +187,8 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
     ...                           torch.nn.Conv2d(8, 4, 3))
     >>> X = torch.rand(10, 3, 16, 16).numpy()
-    >>> BackboneFeatures(net, layer="1").fit_transform(X).shape
-    (10, 8)
+    >>> BackboneFeatures(net, layer="1").fit_transform(X).shape  # 8 channel means, 8 stds
+    (10, 16)
     """
 
     _parameter_constraints = {
@@ -195,7 +200,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         "verbose": ["verbose"],
     }
 
-    def __init__(self, backbone, layer, *, pooling="mean", batch_size=128, device="auto", verbose=0):
+    def __init__(self, backbone, layer, *, pooling="meanstd", batch_size=128, device="auto", verbose=0):
         self.backbone = backbone
         self.layer = layer
         self.pooling = pooling

@@ -38,7 +38,7 @@ def test_nested_layer_and_two_d_activation():
     assert torch.equal(pool_activation(act, "mean"), act)
     assert torch.equal(pool_activation(act, "meanstd")[:, 3:], torch.zeros(2, 3))
     net, (X, _) = make_tiny_cnn(), make_images(10)
-    F = BackboneFeatures(net, "stem.1", device="cpu").fit_transform(X)  # BatchNorm inside the stem
+    F = BackboneFeatures(net, "stem.1", pooling="mean", device="cpu").fit_transform(X)  # BatchNorm inside the stem
     assert F.shape == (10, 8)
 
 
@@ -50,7 +50,7 @@ def test_forward_stops_after_the_tapped_layer(images):
     net = make_tiny_cnn()
     net.layer2 = Boom()
     X, _ = images
-    assert BackboneFeatures(net, "layer1", device="cpu").fit_transform(X).shape == (len(X), 12)
+    assert BackboneFeatures(net, "layer1", device="cpu").fit_transform(X).shape == (len(X), 24)
 
 
 def test_unknown_layer_lists_closest_names(tiny_cnn, images):
