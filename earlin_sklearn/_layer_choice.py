@@ -25,6 +25,15 @@ def default_candidates(backbone):
     return [n for n in available_split_points(backbone) if n.count(".") <= 1]
 
 
+def pick(table, max_edge_flops=1.0, tolerance=0.005):
+    """The cheapest row of ``table`` within the budget whose score is within ``tolerance`` of the best."""
+    within = [r for r in table if r["edge_flops"] <= max_edge_flops]
+    if not within:
+        raise ValueError(f"No candidate layer runs within {100 * max_edge_flops:.0f}% of the model's FLOPs.")
+    best = max(r["pseudo_auroc"] for r in within)
+    return min((r for r in within if r["pseudo_auroc"] >= best - tolerance), key=lambda r: (r["edge_flops"], -r["pseudo_auroc"]))
+
+
 @dataclass
 class LayerRecommendation:
     """Result of :func:`recommend_layer`; print it for a table."""
@@ -33,6 +42,13 @@ class LayerRecommendation:
     params: dict
     table: list = field(default_factory=list)
     budget: float = 1.0
+    tolerance: float = 0.005
+
+    def within(self, max_edge_flops):
+        """The recommendation under a smaller edge budget, from the same table (no refitting)."""
+        row = pick(self.table, max_edge_flops, self.tolerance)
+        return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]},
+                                   [r for r in self.table if r["edge_flops"] <= max_edge_flops], max_edge_flops, self.tolerance)
 
     def __str__(self):
         lines = [f"{'layer':<24}{'edge FLOPs':>11}{'n_channels':>12}{'pseudo-OOD AUROC':>18}"]
@@ -108,6 +124,6 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         {"layer": p["layer"], "n_channels": p["n_channels"], "edge_flops": costs[p["layer"]], "pseudo_auroc": float(s)}
         for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])
     ]
-    best = max(r["pseudo_auroc"] for r in table)
-    pick = min((r for r in table if r["pseudo_auroc"] >= best - tolerance), key=lambda r: (r["edge_flops"], -r["pseudo_auroc"]))
-    return LayerRecommendation(pick["layer"], {"layer": pick["layer"], "n_channels": pick["n_channels"]}, table, max_edge_flops)
+    row = pick(table, max_edge_flops, tolerance)
+    return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]}, table,
+                               max_edge_flops, tolerance)

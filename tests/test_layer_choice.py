@@ -18,10 +18,15 @@ def test_recommendation_respects_the_budget_and_leaves_the_model_alone():
     assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
-def test_ties_go_to_the_cheaper_layer():
+def test_ties_go_to_the_cheaper_layer_and_budgets_narrow_the_table():
     X, y = make_images(60)
     rec = recommend_layer(make_tiny_cnn(), X, y, layers=["stem", "layer1"], max_edge_flops=1.0, tolerance=1.0)
     assert rec.layer == "stem"
+    strict = recommend_layer(make_tiny_cnn(), X, y, layers=["stem", "layer1"], max_edge_flops=1.0, tolerance=0.0)
+    best = max(r["pseudo_auroc"] for r in strict.table)
+    assert next(r for r in strict.table if r["layer"] == strict.layer)["pseudo_auroc"] == best
+    narrow = strict.within(0.5)
+    assert narrow.layer == "stem" and {r["layer"] for r in narrow.table} == {"stem"}
 
 
 def test_nothing_within_budget_is_a_clear_error():
