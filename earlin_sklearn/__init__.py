@@ -12,11 +12,13 @@ from ._cost import CostComparison, SplitCost, collaborative_cost, split_cost
 from ._detector import ShallowFeatureOODDetector
 from ._distance import DistanceDetector
 from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput
+from ._edge_runner import EdgeRecord, EdgeRunner
 from ._export import save_split
 from ._features import BackboneFeatures
 from ._layer_choice import LayerRecommendation, recommend_layer
 from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
 from ._selection import ChannelSelector
+from ._server import create_cloud_app
 from ._split import available_split_points, split_model
 
 __version__ = "0.1.0"
@@ -30,11 +32,14 @@ __all__ = [
     "DistanceDetector",
     "EdgeModule",
     "EdgeOutput",
+    "EdgeRecord",
+    "EdgeRunner",
     "LayerRecommendation",
     "ShallowFeatureOODDetector",
     "SplitCost",
     "available_split_points",
     "collaborative_cost",
+    "create_cloud_app",
     "make_ood_scorer",
     "make_pseudo_ood",
     "make_pseudo_ood_scorer",

@@ -35,7 +35,7 @@ def load_split(directory):
     return manifest, edge, cloud
 
 
-def create_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256):
+def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256):
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Endpoints
@@ -131,4 +131,4 @@ def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_
     """Run the cloud server until interrupted (``earlin serve-cloud``)."""
     import uvicorn
 
-    uvicorn.run(create_app(split_dir, token=token, max_bytes=max_bytes), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_cloud_app(split_dir, token=token, max_bytes=max_bytes), host=host, port=port, log_level=log_level)

@@ -15,7 +15,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
 from earlin_sklearn._edge_runner import EdgeRunner, choose_upload, read_inputs, summarize  # noqa: E402
 from earlin_sklearn._protocol import encode  # noqa: E402
-from earlin_sklearn._server import create_app  # noqa: E402
+from earlin_sklearn._server import create_cloud_app  # noqa: E402
 
 from .conftest import make_images, make_tiny_cnn  # noqa: E402
 
@@ -37,7 +37,7 @@ def deployment(tmp_path_factory):
     edge, cloud = det.export_split()
     save_split(edge, cloud, split_dir, torch.from_numpy(X[:4]), formats=("pt2",))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(split_dir, token=TOKEN, max_bytes=100_000),
+    server = uvicorn.Server(uvicorn.Config(create_cloud_app(split_dir, token=TOKEN, max_bytes=100_000),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
