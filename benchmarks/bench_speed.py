@@ -8,11 +8,12 @@
 3. Tuning 8 downstream candidates (n_channels x metric, 3-fold GridSearchCV) on features
    extracted once, vs one detector fit.
 4. Fit + score time of ours vs pytorch-ood's Mahalanobis on the same layer1 channel means.
-5. Peak memory while fitting on 5,000 images (pooled features only), in a fresh process.
+5. Peak memory while fitting on 1,000 and 5,000 images at two batch sizes (pooled features only), in a fresh process.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +46,15 @@ def best_time(fn, repeat=3):
     return min(times)
 
 
+def interleaved(fns, rounds=5):
+    """Minimum wall time of each function, run in turn ``rounds`` times (all see the same load)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(best_time(fn, repeat=1))
+    return {name: min(t) for name, t in times.items()}
+
+
 def batched(fn, X, bs):
     for i in range(0, len(X), bs):
         fn(X[i : i + bs])
@@ -63,9 +73,8 @@ def extraction(model, X, layer, bs, label):
         with torch.inference_mode():
             batched(model, X, bs)
 
-    t_ours = best_time(lambda: ft.transform(Xn))
-    t_bare = best_time(bare)
-    t_full = best_time(full)
+    t = interleaved({"ours": lambda: ft.transform(Xn), "bare": bare, "full": full})
+    t_ours, t_bare, t_full = t["ours"], t["bare"], t["full"]
     row = {
         "model": label, "layer": layer, "images": len(X),
         "ours_img_s": len(X) / t_ours, "bare_prefix_img_s": len(X) / t_bare, "full_forward_img_s": len(X) / t_full,
@@ -92,8 +101,9 @@ def head_share(det, X):
         n = 200 if batch == 1 else 20
         with torch.inference_mode():
             activation = edge.prefix(x)[0]
-            t_prefix = best_time(lambda: [edge.prefix(x) for _ in range(n)], repeat=5) / n
-            t_head = best_time(lambda: [head(activation) for _ in range(n)], repeat=5) / n
+            t = interleaved({"prefix": lambda: [edge.prefix(x) for _ in range(n)],
+                             "head": lambda: [head(activation) for _ in range(n)]})
+            t_prefix, t_head = t["prefix"] / n, t["head"] / n
         share = t_head / (t_prefix + t_head)
         rows.append({"batch": batch, "prefix_ms": 1e3 * t_prefix, "head_ms": 1e3 * t_head, "head_share": share})
         print(f"[2] batch {batch}: backbone prefix {1e3 * t_prefix:.3f} ms, detector head (pooling + distances) "
@@ -146,11 +156,8 @@ def versus_pytorch_ood(model, Xtr, ytr, X_eval, bs):
         with torch.no_grad():
             return -torch.cat([det.predict(X_eval[i : i + bs]) for i in range(0, len(X_eval), bs)]).numpy()
 
-    t_ours, t_peer = [], []
-    for _ in range(3):  # interleaved, so that both see the same machine load
-        t_ours.append(best_time(ours, repeat=1))
-        t_peer.append(best_time(peer, repeat=1))
-    t_ours, t_peer = min(t_ours), min(t_peer)
+    t = interleaved({"ours": ours, "peer": peer}, rounds=3)
+    t_ours, t_peer = t["ours"], t["peer"]
     row = {"ours_s": t_ours, "pytorch_ood_s": t_peer, "speedup": t_peer / t_ours}
     print(f"[4] fit + score, layer1 channel means, Mahalanobis: ours {t_ours:.1f} s, pytorch-ood {t_peer:.1f} s "
           f"(ours {row['speedup']:.2f}x faster)", flush=True)
@@ -163,7 +170,7 @@ sys.path.insert(0, {bench!r})
 from common import load_model, load_sets
 from earlin_sklearn import ShallowFeatureOODDetector
 (Xtr, ytr), _, _ = load_sets({data!r}, max_ood=1, n_noise=1)
-Xtr, ytr = Xtr[:5000].clone(), ytr[:5000].clone()
+Xtr, ytr = Xtr[:{n}].clone(), ytr[:{n}].clone()
 model = load_model({data!r}, 20)
 with torch.inference_mode():
     model(Xtr[:{bs}])  # warm the allocator: what any forward of one batch costs
@@ -186,17 +193,24 @@ print(json.dumps({{"rss_before_fit_mib": base / 2**20, "rss_peak_during_fit_mib"
 """
 
 
-def memory(data_dir, bs):
-    code = MEMORY_CHILD.format(bench=str(Path(__file__).parent), data=str(data_dir), bs=bs)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["images"] = 5000
-    row["stored_activations_would_be_mib"] = 5000 * 16 * 32 * 32 * 4 / 2**20
-    row["input_images_mib"] = 5000 * 3 * 32 * 32 * 4 / 2**20
-    print(f"[5] fitting on 5,000 images: resident memory peaks {row['fit_extra_mib']:.0f} MiB above the loaded data and model "
-          f"(storing layer1 activations would take {row['stored_activations_would_be_mib']:.0f} MiB; "
-          f"the images themselves take {row['input_images_mib']:.0f} MiB)", flush=True)
-    return row
+def memory(data_dir):
+    """Peak resident memory of a fit above the loaded data and model, sampled every 2 ms in a fresh process."""
+    rows = []
+    for n, bs in ((1000, 64), (5000, 64), (1000, 256), (5000, 256)):
+        code = MEMORY_CHILD.format(bench=str(Path(__file__).parent), data=str(data_dir), bs=bs, n=n)
+        # Large blocks from mmap go back to the OS when freed, so RSS follows live memory; with glibc's
+        # default heap reuse, RSS also keeps freed (fragmented) batch buffers and varies from run to run.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["images"], row["batch_size"] = n, bs
+        row["stored_activations_would_be_mib"] = n * 16 * 32 * 32 * 4 / 2**20
+        row["input_images_mib"] = n * 3 * 32 * 32 * 4 / 2**20
+        rows.append(row)
+        print(f"[5] fitting on {n:,} images, batch {bs}: resident memory peaks {row['fit_extra_mib']:.0f} MiB above the loaded "
+              f"data and model (storing layer1 activations would take {row['stored_activations_would_be_mib']:.0f} MiB; "
+              f"the images themselves take {row['input_images_mib']:.0f} MiB)", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -221,7 +235,7 @@ def main(argv=None):
     results["tuning"] = tuning(model, Xtr, ytr.numpy(), ood["Tiny-ImageNet"], bs)
     X_eval = torch.cat([Xte, ood["Tiny-ImageNet"]])
     results["vs_pytorch_ood"] = versus_pytorch_ood(model, Xtr, ytr, X_eval, bs)
-    results["memory"] = memory(args.data_dir, bs)
+    results["memory"] = memory(args.data_dir)
     out = Path(args.out)
     write_json(out / "results.json", results)
     print(f"wrote {out}/results.json")

@@ -144,3 +144,40 @@ def test_read_inputs(tmp_path):
     X, y = read_inputs(tmp_path / "imgs")
     assert X.shape == (3, 3, 12, 12) and y is None
     np.testing.assert_allclose(X[1].permute(1, 2, 0).numpy() * 255, x[1], atol=1e-4)
+
+
+def test_the_two_commands(deployment, tmp_path, capsys):
+    """`earlin serve-cloud` in its own process, `earlin run-edge` against it, as the docs show."""
+    import subprocess
+    import sys
+
+    from earlin_sklearn.__main__ import main
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "earlin_sklearn", "serve-cloud", str(deployment["dir"]),
+                               "--port", str(port), "--token", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read().decode()
+            assert time.time() < deadline, "serve-cloud did not start"
+            time.sleep(0.2)
+        X, y = stream()
+        np.savez(tmp_path / "stream.npz", x=X.numpy(), y=y)
+        log = tmp_path / "edge_log.jsonl"
+        assert main(["run-edge", str(deployment["dir"]), "--url", f"http://127.0.0.1:{port}", "--input",
+                     str(tmp_path / "stream.npz"), "--token", TOKEN, "--upload", "activations", "--log", str(log)]) == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = capsys.readouterr().out
+    n_id = int((deployment["det"].predict(X) == 1).sum())
+    assert f"30 inputs, {n_id} uploaded (activations, float32)" in out
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 30 and sum(r["bytes_sent"] > 0 for r in records) == n_id
+    assert [r["label"] for r in records] == y.tolist()
