@@ -152,6 +152,7 @@ def main(argv=None):
         finally:
             server.terminate()
             server.wait(timeout=30)
+            server.stderr.close()
 
     lines = [f"Command: `python benchmarks/bench_collab.py --data-dir <data> --n {args.n}`; machine: "
              f"{machine()['cpu']}, {machine()['cores']} cores; server and edge runner on the same machine (loopback).\n",

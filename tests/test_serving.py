@@ -175,6 +175,7 @@ def test_the_two_commands(deployment, tmp_path, capsys):
     finally:
         server.terminate()
         server.wait(timeout=30)
+        server.stderr.close()
     out = capsys.readouterr().out
     n_id = int((deployment["det"].predict(X) == 1).sum())
     assert f"30 inputs, {n_id} uploaded (activations, float32)" in out
