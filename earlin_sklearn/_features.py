@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._inputs import first_input, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_images
+from ._inputs import image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images, validate_images
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +223,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self : object
         """
         get_layer(self.backbone, self.layer)
-        if is_torch_data(X):
-            sample = first_input(X, self.batch_size)
-            self.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
-        else:
-            X = validate_images(self, X, reset=True)
-            sample = X[:1]
+        X, sample = validate_fit_images(self, X, self.batch_size)
         self.input_shape_ = tuple(int(s) for s in sample.shape[1:])
         self.device_ = resolve_device(self.device)
         self.module_ = copy.deepcopy(self.backbone).eval().requires_grad_(False).to(self.device_)

@@ -98,3 +98,17 @@ def to_model_input(x, device, dtype):
     if isinstance(x, np.ndarray) and not x.flags.writeable:
         x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) without a warning
     return torch.as_tensor(x).to(device=device, dtype=dtype)
+
+
+def validate_fit_images(estimator, X, batch_size):
+    """Validate the images given to ``fit``: ``(X, first input of shape (1, ...))``.
+
+    Sets ``n_features_in_`` (channels) for a Dataset or DataLoader too, from
+    its first batch.
+    """
+    if is_torch_data(X):
+        sample = first_input(X, batch_size)
+        estimator.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
+        return X, sample
+    X = validate_images(estimator, X, reset=True)
+    return X, X[:1]

@@ -30,7 +30,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from ._features import input_dtype, resolve_device
-from ._inputs import first_input, image_batches, is_torch_data, to_model_input, validate_images
+from ._inputs import image_batches, is_torch_data, to_model_input, validate_fit_images, validate_images
 from ._threshold import ThresholdMixin, offset_for_tpr
 
 LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
@@ -105,11 +105,7 @@ class LogitDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         -------
         self : object
         """
-        if is_torch_data(X):
-            sample = first_input(X, self.batch_size)
-            self.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
-        else:
-            X = validate_images(self, X, reset=True)
+        X, _ = validate_fit_images(self, X, self.batch_size)
         self.device_ = resolve_device(self.device)
         self.model_ = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.device_)
         self.offset_ = offset_for_tpr(self._scores(X), self.target_tpr)
