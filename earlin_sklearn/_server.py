@@ -38,16 +38,27 @@ def load_split(directory):
 def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256):
     """The FastAPI application serving the cloud part in ``split_dir``.
 
-    Endpoints
-    ---------
-    ``GET /health``
-        Status, model version and the payload it expects.
-    ``POST /v1/activations``
-        Body: the cut activations (see :mod:`earlin_sklearn._protocol`);
-        runs the cloud part.
-    ``POST /v1/raw``
-        Body: the input images; runs the whole model (edge prefix, then cloud part).
+    Parameters
+    ----------
+    split_dir : str or Path
+        Directory written by :func:`save_split`.
+    token : str, default=None
+        Bearer token required from clients; None: no authentication.
+    max_bytes : int, default=64 MiB
+        Largest request body.
+    max_batch : int, default=256
+        Largest number of inputs in one request.
 
+    Returns
+    -------
+    app : fastapi.FastAPI
+
+    Notes
+    -----
+    Endpoints: ``GET /health`` (status, model version and the payload it
+    expects); ``POST /v1/activations`` (body: the cut activations, see
+    ``earlin_sklearn/_protocol.py``; runs the cloud part); ``POST /v1/raw``
+    (body: input images; runs the whole model, edge prefix then cloud part).
     Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...}``.
     Malformed requests get a 4xx with a message and the server keeps
     serving: 400 (bad batch header, body that does not fit), 401 (token),
