@@ -21,8 +21,9 @@ from sklearn.pipeline import make_pipeline
 sys.path.insert(0, str(Path(__file__).parent))
 from common import FAR_OOD, NEAR_OOD, load_model, load_sets, machine, write_json  # noqa: E402
 
-from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, split_model  # noqa: E402
+from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector  # noqa: E402
 from earlin_sklearn._cost import count_flops  # noqa: E402
+from earlin_sklearn._layer_choice import edge_flops_fraction  # noqa: E402
 from earlin_sklearn.baselines import KNNDetector, LogitDetector  # noqa: E402
 from earlin_sklearn.metrics import auroc, detection_accuracy, tnr_at_tpr  # noqa: E402
 from earlin_sklearn.models import CIFAR_STD  # noqa: E402
@@ -50,11 +51,6 @@ def run_estimator(make, X_fit, y_fit, X_test, ood):
     t_score = time.perf_counter() - t0
     n_scored = len(X_test) + sum(len(v) for v in ood.values())
     return est, s_id, s_ood, {"fit_s": t_fit, "score_ms_per_image": 1e3 * t_score / n_scored}
-
-
-def edge_flops(model, layer, full):
-    prefix, _ = split_model(model, layer)
-    return count_flops(prefix, torch.zeros(1, 3, 32, 32)) / full
 
 
 def peer_results(model, Xtr, ytr, Xte, ood, batch_size):
@@ -205,7 +201,8 @@ def main(argv=None):
         for name, layer, make in candidates:
             X_fit, y_fit = (Xtr[: args.odin_fit], None) if layer == "odin" else (Xtr, ytr.numpy())
             est, s_id, s_ood, times = run_estimator(make, X_fit, y_fit, Xte, ood)
-            frac = edge_flops(model, layer, full) if layer not in (None, "odin") else 1.0
+            frac = (edge_flops_fraction(model, layer, torch.zeros(1, 3, 32, 32), full)
+                    if layer not in (None, "odin") else 1.0)
             res["detectors"][name] = {"edge_flops": frac, "metrics": evaluate(s_id, s_ood), **times}
             if name == "EARLIN @layer1":
                 scores[depth] = (s_id, s_ood, ("EARLIN @layer1", est.offset_))

@@ -14,10 +14,16 @@ from ._scorers import make_pseudo_ood_scorer
 from ._split import available_split_points, split_model
 
 
-def edge_flops_fraction(backbone, layer, example):
-    """Share of ``backbone``'s FLOPs (on ``example``) spent up to and including ``layer``."""
+def edge_flops_fraction(backbone, layer, example, full_flops=None):
+    """Share of ``backbone``'s FLOPs (on ``example``) spent up to and including ``layer``.
+
+    Pass ``full_flops`` (``count_flops(backbone, example)``) when asking for
+    several layers, so that the whole model is counted once.
+    """
     prefix, _ = split_model(backbone, layer)
-    return count_flops(prefix, example) / max(count_flops(backbone, example), 1)
+    if full_flops is None:
+        full_flops = count_flops(backbone, example)
+    return count_flops(prefix, example) / max(full_flops, 1)
 
 
 def default_candidates(backbone):
@@ -102,10 +108,11 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     frozen = copy.deepcopy(backbone).eval()  # counting FLOPs runs it: never the user's model
     example = torch.as_tensor(np.asarray(X[:1]), dtype=input_dtype(frozen))
     candidates = layers if layers is not None else default_candidates(frozen)
+    full_flops = count_flops(frozen, example)
     costs = {}
     for layer in candidates:
         try:
-            costs[layer] = edge_flops_fraction(frozen, layer, example)
+            costs[layer] = edge_flops_fraction(frozen, layer, example, full_flops)
         except ValueError:
             continue  # not a valid cut point
     within = [layer for layer in candidates if layer in costs and costs[layer] <= max_edge_flops]
