@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._features import pool_activation
 
 
 def count_flops(module, *args):
@@ -138,8 +137,8 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
     X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
     x1 = X[:1]
     with torch.no_grad():
-        activation, *crossing = edge.prefix(x1)
-        pooled = pool_activation(activation, edge.pooling)
+        taps, crossing = edge.taps_and_crossing(x1)
+        pooled = edge.pooled(taps)
     edge_flops = count_flops(edge.prefix, x1)
     detector_flops = count_flops(edge.head, pooled)
     cloud_flops = count_flops(cloud.suffix, *crossing)
@@ -164,7 +163,7 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
         n_eval=int(X.shape[0]),
     )
     with torch.no_grad():
-        payload = edge.prefix(X)[1:]
+        payload = edge.taps_and_crossing(X)[1]
         ref = cloud.suffix(*payload)
         half = cloud.suffix(*[p.half().float() for p in payload])
         int8 = cloud.suffix(*[dequantize_uint8(*quantize_uint8(p)) for p in payload])

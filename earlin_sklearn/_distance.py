@@ -188,7 +188,8 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
     def _scores(self, X):
         distance, _ = min_centroid_distance(X, self.centroids_, self.metric, self.whitening_)
-        return -distance
+        # non-finite features (overflow after a power transform) are as far from ID as can be
+        return -np.nan_to_num(distance, nan=np.inf)
 
     def score_samples(self, X):
         """Negative distance to the nearest centroid: higher = more in-distribution.

@@ -44,11 +44,23 @@ class DetectorHead(nn.Module):
     n_pooled : int, default=None
         Number of pooled features before selection (default: the largest
         selected index + 1).
+    gaussianize : sklearn.preprocessing.PowerTransformer, default=None
+        A fitted Yeo-Johnson transform applied to the pooled features before
+        selection (its lambdas and standardization become tensors).
     """
 
-    def __init__(self, channels, centroids, whitening, metric, offset, n_pooled=None):
+    def __init__(self, channels, centroids, whitening, metric, offset, n_pooled=None, gaussianize=None):
         super().__init__()
         self.metric = metric
+        self.gaussianize = gaussianize is not None
+        if self.gaussianize:
+            lambdas = np.asarray(gaussianize.lambdas_, dtype=np.float64)
+            scaler = getattr(gaussianize, "_scaler", None)
+            mean = np.zeros_like(lambdas) if scaler is None else scaler.mean_
+            scale = np.ones_like(lambdas) if scaler is None else scaler.scale_
+            self.register_buffer("yj_lambda", torch.as_tensor(lambdas))
+            self.register_buffer("yj_mean", torch.as_tensor(np.asarray(mean, dtype=np.float64)))
+            self.register_buffer("yj_scale", torch.as_tensor(np.asarray(scale, dtype=np.float64)))
         channels = np.asarray(channels)
         centroids = np.asarray(centroids, dtype=np.float64)
         w = np.eye(centroids.shape[1]) if whitening is None else np.asarray(whitening, dtype=np.float64)
@@ -66,19 +78,42 @@ class DetectorHead(nn.Module):
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
 
     @classmethod
-    def from_steps(cls, select, distance):
-        """Build from a fitted :class:`ChannelSelector` and :class:`DistanceDetector`."""
-        return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, distance.offset_,
-                   n_pooled=select.n_features_in_)
+    def from_steps(cls, select, distance, gaussianize=None, offset=None):
+        """Build from a fitted :class:`ChannelSelector`, :class:`DistanceDetector` (and power transform).
+
+        ``offset`` (default: the distance step's) is the threshold to deploy.
+        """
+        offset = distance.offset_ if offset is None else offset
+        n_pooled = gaussianize.n_features_in_ if gaussianize is not None else select.n_features_in_
+        return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, offset,
+                   n_pooled=n_pooled, gaussianize=gaussianize)
+
+    def _yeo_johnson(self, x):
+        # sklearn's PowerTransformer formula, both branches computed on clamped inputs (no NaN from the unused one)
+        lam = self.yj_lambda
+        pos, neg = x.clamp_min(0), (-x).clamp_min(0)
+        eps = float(np.spacing(1.0))
+        lam_pos = torch.where(lam.abs() < eps, torch.ones_like(lam), lam)
+        out_pos = torch.where(lam.abs() < eps, torch.log1p(pos), ((pos + 1).pow(lam_pos) - 1) / lam_pos)
+        two = 2.0 - lam
+        two_safe = torch.where(two.abs() < eps, torch.ones_like(two), two)
+        out_neg = torch.where(two.abs() < eps, -torch.log1p(neg), -((neg + 1).pow(two_safe) - 1) / two_safe)
+        return (torch.where(x >= 0, out_pos, out_neg) - self.yj_mean) / self.yj_scale
 
     def forward(self, pooled):
-        x = pooled.to(torch.float64) @ self.projection
+        x = pooled.to(torch.float64)
+        if self.gaussianize:
+            x = self._yeo_johnson(x)
+        x = x @ self.projection
         if self.metric == "cosine":
             x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         d = (x[:, None, :] - self.centroids[None, :, :]).square().sum(dim=2)
         if self.metric == "cosine":
-            return -0.5 * d.min(dim=1).values  # 1 - cos for unit vectors
-        return -d.min(dim=1).values.sqrt()
+            score = -0.5 * d.min(dim=1).values  # 1 - cos for unit vectors
+        else:
+            score = -d.min(dim=1).values.sqrt()
+        # an input whose features overflow scores as far from ID as possible (never NaN, never accepted)
+        return score.masked_fill(torch.isnan(score), float("-inf"))
 
 
 class EdgeModule(nn.Module):
@@ -89,20 +124,32 @@ class EdgeModule(nn.Module):
     Parameters
     ----------
     prefix : torch.fx.GraphModule
-        From :func:`split_model`: returns ``(activation, *crossing)``.
+        From :func:`split_model`: returns ``(activation, *extra, *crossing)``.
     head : DetectorHead
     pooling : {"mean", "max", "meanstd"}
+    n_extra : int, default=0
+        Number of extra taps the prefix returns after the activation.
     """
 
-    def __init__(self, prefix, head, pooling):
+    def __init__(self, prefix, head, pooling, n_extra=0):
         super().__init__()
         self.prefix = prefix
         self.head = head
         self.pooling = pooling
+        self.n_extra = int(n_extra)
+
+    def taps_and_crossing(self, x):
+        """``([*extra taps, activation], crossing)``: the detector's inputs and the payload tensors."""
+        activation, *rest = self.prefix(x)
+        return [*rest[: self.n_extra], activation], rest[self.n_extra :]
+
+    def pooled(self, taps):
+        """The detector's pooled features, in :class:`BackboneFeatures`' order."""
+        return torch.cat([pool_activation(a, self.pooling) for a in taps], dim=1)
 
     def forward(self, x):
-        activation, *crossing = self.prefix(x)
-        score = self.head(pool_activation(activation, self.pooling))
+        taps, crossing = self.taps_and_crossing(x)
+        score = self.head(self.pooled(taps))
         payload = crossing[0] if len(crossing) == 1 else tuple(crossing)
         return EdgeOutput(score >= self.head.offset, score, payload)
 
@@ -133,9 +180,13 @@ def build_split(detector):
     """
     features = detector.pipeline_["features"]
     module = copy.deepcopy(features.module_).cpu().eval()
-    prefix, suffix = split_model(module, features.layer)
-    head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"])
-    edge = EdgeModule(prefix, head, features.pooling).eval().requires_grad_(False)
+    extra = features.extra_layers_
+    prefix, suffix = split_model(module, features.layer, extra)
+    gaussianize = detector.pipeline_["gaussianize"]
+    head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"],
+                                   gaussianize=None if gaussianize == "passthrough" else gaussianize,
+                                   offset=detector.offset_)
+    edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra)).eval().requires_grad_(False)
     cloud = CloudModule(suffix).eval().requires_grad_(False)
     example = torch.zeros((1, *features.input_shape_), dtype=input_dtype(module))
     check_tensor_payload(prefix, example)

@@ -96,31 +96,91 @@ class _LayerTap:
         raise _LayerReached
 
 
-def run_to_layer(module, layer_module, x):
+class _ExtraTap:
+    """Forward hook that stores a layer's output (its first call) and lets the pass go on."""
+
+    def __init__(self):
+        self.output = None
+
+    def __call__(self, module, args, output):
+        if self.output is None:
+            self.output = output
+
+
+def _tensor_output(out, name):
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"The tapped layer {name!r} returned {type(out).__name__}, not a tensor.")
+    return out
+
+
+def run_to_layer(module, layer_module, x, extra_modules=()):
     """Forward ``x`` through ``module`` and return ``layer_module``'s output.
 
     The forward pass stops right after the layer (its first call), so tapping an
-    early layer costs only the network's prefix.
+    early layer costs only the network's prefix. With ``extra_modules`` (layers
+    that run before it), returns the list ``[*extra outputs, layer output]``.
     """
     tap = _LayerTap()
-    handle = layer_module.register_forward_hook(tap)
+    extras = [_ExtraTap() for _ in extra_modules]
+    handles = [m.register_forward_hook(t) for m, t in zip(extra_modules, extras)]
+    handles.append(layer_module.register_forward_hook(tap))
     try:
         module(x)
     except _LayerReached:
         pass
     finally:
-        handle.remove()
-    out = tap.output
-    if out is None:
+        for handle in handles:
+            handle.remove()
+    if tap.output is None:
         raise RuntimeError(
             "The tapped layer was never called during the forward pass; choose a "
             "layer that the backbone's forward() uses."
         )
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"The tapped layer returned {type(out).__name__}, not a tensor.")
-    return out
+    out = _tensor_output(tap.output, "layer")
+    if not extra_modules:
+        return out
+    missing = [i for i, t in enumerate(extras) if t.output is None]
+    if missing:
+        raise ValueError(
+            "extra_layers must run before `layer` in the forward pass (they are taps inside the edge part); "
+            f"extra layer number {missing[0]} was not called before it."
+        )
+    return [*(_tensor_output(t.output, "extra") for t in extras), out]
+
+
+def resolve_extra_layers(backbone, layer, extra_layers):
+    """The extra taps of a detector at ``layer``: ``extra_layers`` itself, or the ``"auto"`` rule.
+
+    ``"auto"``: the output of the block that runs just before the last block of
+    ``layer``. For a container such as ResNet's ``layer1`` or ShuffleNet's
+    ``stage2`` (an ``nn.Sequential`` of blocks, modules that hold layers),
+    that is its second-to-last block; for a block inside an
+    ``nn.Sequential``, its previous sibling block; otherwise (a single
+    convolution, norm or activation, or no block before it) there is none. That block's output is computed on the edge
+    anyway. The rule was chosen on ID data only (docs/benchmarks.rst).
+    """
+    if not (isinstance(extra_layers, str) and extra_layers == "auto"):
+        names = list(extra_layers or ())
+        for name in names:
+            get_layer(backbone, name)
+        return names
+    def is_block(module):  # a block holds layers; a single conv, norm or activation does not
+        return next(module.children(), None) is not None
+
+    target = get_layer(backbone, layer)
+    children = list(target.named_children())
+    if isinstance(target, torch.nn.Sequential) and len(children) >= 2 and all(is_block(m) for _, m in children):
+        return [f"{layer}.{children[-2][0]}"]
+    parent_name, own = layer.rsplit(".", 1) if "." in layer else ("", layer)
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    siblings = list(parent.named_children())
+    names = [n for n, _ in siblings]
+    at = names.index(own)
+    if isinstance(parent, torch.nn.Sequential) and at > 0 and is_block(siblings[at - 1][1]) and is_block(target):
+        return [f"{parent_name}.{names[at - 1]}" if parent_name else names[at - 1]]
+    return []
 
 
 def input_dtype(module):
@@ -156,8 +216,13 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     pooling : {"mean", "max", "meanstd"}, default="meanstd"
         How each channel's feature map becomes numbers: mean (the EARLIN
         paper's reduction), max, or mean and standard deviation (two features
-        per channel; the default, which detected OOD inputs best in
+        per channel; the default, chosen on ID data only in
         docs/benchmarks.rst).
+    extra_layers : sequence of str, default=()
+        Further layers that run before ``layer`` (taps inside the edge part,
+        e.g. ``["layer1.1"]``); their pooled features come first, in the
+        given order, then ``layer``'s. They cost nothing extra on the edge:
+        the prefix computes them anyway.
     batch_size : int, default=128
         Images per forward pass.
     device : str or torch.device, default="auto"
@@ -195,15 +260,18 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         "backbone": [torch.nn.Module],
         "layer": [str],
         "pooling": [StrOptions(set(POOLINGS))],
+        "extra_layers": ["array-like", tuple, list],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "verbose": ["verbose"],
     }
 
-    def __init__(self, backbone, layer, *, pooling="meanstd", batch_size=128, device="auto", verbose=0):
+    def __init__(self, backbone, layer, *, pooling="meanstd", extra_layers=(), batch_size=128, device="auto",
+                 verbose=0):
         self.backbone = backbone
         self.layer = layer
         self.pooling = pooling
+        self.extra_layers = extra_layers
         self.batch_size = batch_size
         self.device = device
         self.verbose = verbose
@@ -223,15 +291,19 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self : object
         """
         get_layer(self.backbone, self.layer)
+        self.extra_layers_ = resolve_extra_layers(self.backbone, self.layer, list(self.extra_layers))
+        if self.layer in self.extra_layers_:
+            raise ValueError(f"extra_layers must not contain `layer` ({self.layer!r}) itself.")
         X, sample = validate_fit_images(self, X, self.batch_size)
         self.input_shape_ = tuple(int(s) for s in sample.shape[1:])
         self.device_ = resolve_device(self.device)
         self.module_ = copy.deepcopy(self.backbone).eval().requires_grad_(False).to(self.device_)
         self._check_channel_layout(sample)
-        activation = self._activation(sample)
+        *extra, activation = self._activations(sample)
         self.activation_shape_ = tuple(int(s) for s in activation.shape[1:])
         self.n_channels_ = self.activation_shape_[0]
-        self._n_features_out = self.n_channels_ * (2 if self.pooling == "meanstd" else 1)
+        per_channel = 2 if self.pooling == "meanstd" else 1
+        self._n_features_out = per_channel * sum(int(a.shape[1]) for a in (*extra, activation))
         logger.debug("Tapped %r: activation shape %s", self.layer, self.activation_shape_)
         return self
 
@@ -275,13 +347,17 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         return np.concatenate(feats).astype(np.float64, copy=False), labels_to_numpy(labels)
 
     def _pooled(self, x):
-        return pool_activation(self._activation(x), self.pooling).float().cpu().numpy()
+        pooled = [pool_activation(a, self.pooling) for a in self._activations(x)]
+        return torch.cat(pooled, dim=1).float().cpu().numpy()
 
-    def _activation(self, x):
+    def _activations(self, x):
+        """``[*extra taps, layer]`` activations of a batch."""
         dtype = input_dtype(self.module_)
+        extra = [self.module_.get_submodule(name) for name in getattr(self, "extra_layers_", [])]
         with torch.inference_mode():
             x = to_model_input(x, self.device_, dtype)
-            return run_to_layer(self.module_, self.module_.get_submodule(self.layer), x)
+            out = run_to_layer(self.module_, self.module_.get_submodule(self.layer), x, extra)
+        return out if extra else [out]
 
     def _check_channel_layout(self, sample):
         expected = _first_in_channels(self.module_)

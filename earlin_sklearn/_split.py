@@ -11,23 +11,23 @@ class _CutTracer(LeafModuleAwareTracer):
     """torchvision's leaf-aware tracer (torchvision ops and ``math`` kept whole),
     with the cut layer also kept whole so that it is one node of the graph."""
 
-    def __init__(self, cut=None):
+    def __init__(self, cut=None, extra=()):
         super().__init__(**_set_default_tracer_kwargs(None))
-        self.cut = cut
+        self.keep = {cut, *extra} - {None}
 
     def is_leaf_module(self, m, module_qualname):
-        return module_qualname == self.cut or super().is_leaf_module(m, module_qualname)
+        return module_qualname in self.keep or super().is_leaf_module(m, module_qualname)
 
 
-def trace(backbone, cut=None):
-    """Symbolically trace ``backbone`` with the module ``cut`` kept as one node.
+def trace(backbone, cut=None, extra=()):
+    """Symbolically trace ``backbone`` with the modules ``cut`` and ``extra`` kept as one node each.
 
     Raises
     ------
     ValueError
         If torch.fx cannot trace the model (data-dependent control flow).
     """
-    tracer = _CutTracer(cut)
+    tracer = _CutTracer(cut, extra)
     try:
         graph = tracer.trace(backbone)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
@@ -75,7 +75,27 @@ def available_split_points(backbone):
     return called
 
 
-def split_model(backbone, layer):
+def _cut_outside(backbone, layer, extra_layers):
+    """The module whose output is ``layer``'s and that holds none of ``extra_layers``.
+
+    An extra tap inside ``layer`` (``"layer1.1"`` inside ``"layer1"``) must be a
+    node of the graph, so ``layer`` cannot be: an ``nn.Sequential``'s output is
+    its last child's, so the cut moves down to that child.
+    """
+    cut = layer
+    while any(name.startswith(cut + ".") for name in extra_layers):
+        module = backbone.get_submodule(cut)
+        children = [n for n, _ in module.named_children()]
+        if not isinstance(module, torch.nn.Sequential) or not children:
+            raise ValueError(
+                f"extra_layers inside {cut!r} can be tapped only when it is an nn.Sequential; "
+                f"tap layers that run before {cut!r} instead."
+            )
+        cut = f"{cut}.{children[-1]}"
+    return cut
+
+
+def split_model(backbone, layer, extra_layers=()):
     """Cut ``backbone`` right after ``layer`` (its first call).
 
     Every tensor computed on the edge side and used on the cloud side crosses
@@ -87,24 +107,40 @@ def split_model(backbone, layer):
     backbone : torch.nn.Module
     layer : str
         Dotted module name, one of :func:`available_split_points`.
+    extra_layers : sequence of str, default=()
+        Layers that run before ``layer`` whose outputs the edge part returns
+        too (the detector's extra taps).
 
     Returns
     -------
     edge : torch.fx.GraphModule
-        ``edge(x)`` returns the tuple ``(activation, *crossing)``: the layer's
-        output, then the tensors that cross the cut, in execution order.
+        ``edge(x)`` returns the tuple ``(activation, *extra, *crossing)``: the
+        layer's output, the extra taps' outputs (``edge.n_extra`` of them), then
+        the tensors that cross the cut, in execution order.
     cloud : torch.fx.GraphModule
         ``cloud(*crossing)`` returns the original model's output.
     """
     get_layer(backbone, layer)
-    gm = trace(backbone, cut=layer)
+    extra_layers = list(extra_layers)
+    for name in extra_layers:
+        get_layer(backbone, name)
+    layer = _cut_outside(backbone, layer, extra_layers)
+    gm = trace(backbone, cut=layer, extra=extra_layers)
     nodes = list(gm.graph.nodes)
-    cut_at = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer), None)
+
+    def first_call(name):
+        return next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == name), None)
+
+    cut_at = first_call(layer)
     if cut_at is None:
         raise ValueError(
             f"{layer!r} is never called as a module in the traced forward pass, so the model "
             f"cannot be cut there. Valid cut layers: available_split_points(backbone)."
         )
+    extra_at = [first_call(name) for name in extra_layers]
+    for name, at in zip(extra_layers, extra_at):
+        if at is None or at > cut_at:
+            raise ValueError(f"The extra tap {name!r} does not run before {layer!r}, so it is not on the edge.")
     edge_nodes = nodes[: cut_at + 1]
     edge_set = set(edge_nodes)
     crossing = [
@@ -114,7 +150,8 @@ def split_model(backbone, layer):
     edge_graph, edge_env = fx.Graph(), {}
     for node in edge_nodes:
         edge_env[node] = edge_graph.node_copy(node, lambda a: edge_env[a])
-    edge_graph.output((edge_env[nodes[cut_at]], *[edge_env[n] for n in crossing]))
+    edge_graph.output((edge_env[nodes[cut_at]], *[edge_env[nodes[i]] for i in extra_at],
+                       *[edge_env[n] for n in crossing]))
 
     cloud_graph, cloud_env = fx.Graph(), {}
     for node in crossing:
@@ -131,6 +168,7 @@ def split_model(backbone, layer):
     edge = fx.GraphModule(gm, edge_graph, "EdgePrefix")
     cloud = fx.GraphModule(gm, cloud_graph, "CloudSuffix")
     edge.crossing_names = [n.name for n in crossing]
+    edge.n_extra = len(extra_layers)
     return edge, cloud
 
 
@@ -138,6 +176,8 @@ def check_tensor_payload(edge, example):
     """Raise if something other than a tensor would cross the cut (found on ``example``)."""
     with torch.no_grad():
         outs = edge(example)
+    n_extra = getattr(edge, "n_extra", 0)
+    outs = (outs[0], *outs[1 + n_extra :])
     for name, value in zip(["<activation>", *edge.crossing_names], outs):
         if not isinstance(value, torch.Tensor):
             raise ValueError(

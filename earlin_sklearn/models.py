@@ -1,4 +1,4 @@
-"""Models: a small CNN for the offline demo (and CIFAR ResNets, see :func:`cifar_resnet`)."""
+"""Models: a small CNN for the offline demo, CIFAR ResNets (:func:`cifar_resnet`) and ShuffleNetV2 (:func:`cifar_shufflenet_v2`)."""
 
 import torch
 from torch import nn
@@ -147,4 +147,61 @@ def cifar_resnet(depth=20, weights=None, n_classes=10):
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         model.load_state_dict(state)
+    return model.eval()
+
+
+# ShuffleNetV2 for CIFAR ----------------------------------------------------------------------------
+
+#: Input normalization of the CIFAR-10 ShuffleNetV2 checkpoint (pytorch-cifar-models; RGB in [0, 1]).
+#: Not the ImageNet statistics that :data:`CIFAR_MEAN` / :data:`CIFAR_STD` hold for the ResNets.
+SHUFFLENET_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+SHUFFLENET_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def cifar_shufflenet_v2(weights=None, n_classes=10, width="x0_5"):
+    """torchvision's ShuffleNetV2 with a CIFAR stem, random or loaded from a state dict.
+
+    The stem's 3x3 stride-2 convolution becomes a 3x3 stride-1 one (3 -> 24
+    channels, no bias) and the max-pool an identity, so that 32x32 inputs keep
+    their resolution into ``stage2`` (16x16), ``stage3`` (8x8) and ``stage4``
+    (4x4), as in the pytorch-cifar-models checkpoints.
+
+    Parameters
+    ----------
+    weights : str or Path, default=None
+        A plain state dict (keys ``conv1.*``, ``stage2.*`` .. ``conv5.*``,
+        ``fc.*``) that the user has; loaded with
+        ``torch.load(..., weights_only=True)`` and ``strict=True``. Nothing is
+        downloaded. None: torchvision's random initialization.
+    n_classes : int, default=10
+    width : {"x0_5", "x1_0", "x1_5", "x2_0"}, default="x0_5"
+        Which torchvision ShuffleNetV2 width.
+
+    Returns
+    -------
+    model : torchvision.models.ShuffleNetV2
+        In evaluation mode. Expects RGB in [0, 1] normalized with
+        :data:`SHUFFLENET_CIFAR_MEAN` and :data:`SHUFFLENET_CIFAR_STD`.
+
+    Examples
+    --------
+    >>> from earlin_sklearn.models import cifar_shufflenet_v2
+    >>> net = cifar_shufflenet_v2()
+    >>> net(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+    import torchvision
+
+    builders = {"x0_5": torchvision.models.shufflenet_v2_x0_5, "x1_0": torchvision.models.shufflenet_v2_x1_0,
+                "x1_5": torchvision.models.shufflenet_v2_x1_5, "x2_0": torchvision.models.shufflenet_v2_x2_0}
+    if width not in builders:
+        raise ValueError(f"width must be one of {sorted(builders)}; got {width!r}.")
+    model = builders[width](weights=None, num_classes=n_classes)
+    out_channels = model.conv1[0].out_channels
+    model.conv1[0] = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
     return model.eval()

@@ -42,7 +42,8 @@ def test_onnx_parity(exported):
     edge_s = ort.InferenceSession(str(paths["edge.onnx"]))
     cloud_s = ort.InferenceSession(str(paths["cloud.onnx"]))
     is_id, score, *payload = edge_s.run(None, {"x": X.numpy()})  # batch of 40: the batch size is dynamic
-    np.testing.assert_allclose(score, det.score_samples(X), atol=1e-4, rtol=0)
+    # float32 ONNX convolutions; the power transform stretches far-OOD scores (-1000s): relative there
+    np.testing.assert_allclose(score, det.score_samples(X), atol=1e-4, rtol=1e-5)
     np.testing.assert_array_equal(is_id, det.predict(X) == 1)
     assert 0 < is_id.sum() < len(X)  # both decisions occur
     logits = cloud_s.run(None, dict(zip([i.name for i in cloud_s.get_inputs()], payload)))[0]

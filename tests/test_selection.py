@@ -55,7 +55,9 @@ def test_bad_n_channels(data, bad):
         ChannelSelector(n_channels=bad).fit(data[0])
 
 
-def test_auto_keeps_half_by_fisher_and_all_by_variance(data):
+def test_auto_keeps_every_column_but_still_scores_them(data):
     X, y = data
-    assert ChannelSelector().fit(X, y).channels_.size == 3
+    with_labels = ChannelSelector().fit(X, y)
+    assert with_labels.channels_.size == 6 and with_labels.criterion_ == "fisher"
+    assert with_labels.scores_.shape == (6,) and np.ptp(with_labels.scores_) > 0
     assert ChannelSelector().fit(X).channels_.size == 6
