@@ -2,8 +2,11 @@
 
 from dataclasses import asdict, dataclass, field
 
+from numbers import Real
+
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -189,6 +192,20 @@ class Strategy:
     edge_mflops_per_input: float
 
 
+@validate_params(
+    {
+        "cost": [SplitCost],
+        "ood_fraction": [Interval(Real, 0, 1, closed="both")],
+        "tpr": [Interval(Real, 0, 1, closed="both")],
+        "tnr": [Interval(Real, 0, 1, closed="both")],
+        "uplink_mbit_s": [Interval(Real, 0, None, closed="neither")],
+        "edge_gflop_s": [Interval(Real, 0, None, closed="neither")],
+        "cloud_gflop_s": [Interval(Real, 0, None, closed="neither")],
+        "payload": [StrOptions({"float32", "float16", "int8"})],
+        "raw": [StrOptions({"uint8", "float32"})],
+    },
+    prefer_skip_nested_validation=True,
+)
 def collaborative_cost(
     cost,
     ood_fraction,
@@ -231,9 +248,6 @@ def collaborative_cost(
     -------
     comparison : CostComparison
     """
-    for name, value in (("ood_fraction", ood_fraction), ("tpr", tpr), ("tnr", tnr)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1]; got {value}.")
     raw_bytes = {"uint8": cost.raw_uint8_bytes, "float32": cost.raw_float32_bytes}[raw]
     payload_bytes = {
         "float32": cost.payload_float32_bytes,

@@ -10,7 +10,7 @@ from sklearn.preprocessing import PowerTransformer
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._distance import METRICS, DistanceDetector
+from ._distance import METRICS, DistanceDetector, usable_labels
 from ._edge import build_split
 from ._features import POOLINGS, BackboneFeatures, resolve_extra_layers
 from ._inputs import is_torch_data
@@ -183,6 +183,8 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         F, loader_y = features.features_and_labels(X)
         if y is None:
             y = loader_y
+        if y is not None and self.class_conditional is not False:
+            y = usable_labels(y, type(self).__name__, required=self.class_conditional is True)
         if self.gaussianize == "yeo-johnson":
             gaussianize = PowerTransformer(method="yeo-johnson", standardize=True)
             with np.errstate(over="ignore", invalid="ignore"):

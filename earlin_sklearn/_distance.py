@@ -1,5 +1,6 @@
 """Distance scoring: how far an input's reduced features lie from the ID centroids."""
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -25,6 +26,31 @@ def whitening_from_precision(precision):
     """
     eigval, eigvec = np.linalg.eigh(precision)
     return eigvec * np.sqrt(np.clip(eigval, 0.0, None))
+
+
+def usable_labels(y, owner, required=False):
+    """``y`` if it can define class centroids, else None (with a warning) or an error when ``required``.
+
+    A one-sample class has no spread: its centroid is that sample, the pooled
+    covariance loses rank, and with every class of one sample every input
+    scores 0 (accept everything). Labels that are sample ids or indices look
+    like that.
+    """
+    if y is None:
+        return None
+    y = np.asarray(y).reshape(-1)
+    _, counts = np.unique(y, return_counts=True)
+    if counts.min() >= 2:
+        check_classification_targets(y)
+        return y
+    few = int((counts < 2).sum())
+    message = (f"{few} of {counts.size} classes have a single sample, so class centroids cannot be "
+               "estimated (are the labels sample ids or indices?).")
+    if required:
+        raise ValueError(f"{owner}: {message} Pass class labels with at least 2 samples per class, "
+                         "or class_conditional=False.")
+    warnings.warn(f"{owner}: {message} Using one global centroid instead.", UserWarning, stacklevel=3)
+    return None
 
 
 def min_centroid_distance(X, centroids, metric, whitening=None):
@@ -139,6 +165,8 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self : object
         """
         X = validate_data(self, X, reset=True, dtype=np.float64)
+        if X.shape[0] < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 ID samples; got n_samples={X.shape[0]}.")
         use_classes = self.class_conditional is True or (self.class_conditional == "auto" and y is not None)
         if use_classes:
             if y is None:
@@ -146,7 +174,8 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             y = np.asarray(y).reshape(-1)
             if y.shape[0] != X.shape[0]:
                 raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
-            check_classification_targets(y)
+            y = usable_labels(y, type(self).__name__, required=self.class_conditional is True)
+        if use_classes and y is not None:
             self.classes_, y_idx = np.unique(y, return_inverse=True)
         else:
             self.classes_, y_idx = None, np.zeros(X.shape[0], dtype=np.intp)
@@ -164,7 +193,14 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         centroids /= np.maximum(counts, 1.0)[:, None]
         precision = None
         if self.metric == "mahalanobis":
-            covariance = LedoitWolf(assume_centered=True).fit(X - centroids[y_idx]).covariance_
+            residual = X - centroids[y_idx]
+            if not np.any(residual):
+                raise ValueError(
+                    f"{type(self).__name__}: the ID features do not vary around their centroids (all samples "
+                    "identical within their class), so no covariance can be estimated. Fit on more varied "
+                    "ID data, or use metric='euclidean'."
+                )
+            covariance = LedoitWolf(assume_centered=True).fit(residual).covariance_
             precision = pinvh(covariance)
         return centroids, precision
 

@@ -13,7 +13,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._inputs import image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images, validate_images
+from ._inputs import (check_batch, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
+                      validate_images)
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def run_to_layer(module, layer_module, x, extra_modules=()):
         for handle in handles:
             handle.remove()
     if tap.output is None:
-        raise RuntimeError(
+        raise ValueError(
             "The tapped layer was never called during the forward pass; choose a "
             "layer that the backbone's forward() uses."
         )
@@ -298,8 +299,10 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self.input_shape_ = tuple(int(s) for s in sample.shape[1:])
         self.device_ = resolve_device(self.device)
         self.module_ = copy.deepcopy(self.backbone).eval().requires_grad_(False).to(self.device_)
-        self._check_channel_layout(sample)
-        *extra, activation = self._activations(sample)
+        try:
+            *extra, activation = self._activations(sample)
+        except (RuntimeError, TypeError, IndexError) as exc:  # the backbone refused the input
+            raise ValueError(self._input_error(sample, exc)) from exc
         self.activation_shape_ = tuple(int(s) for s in activation.shape[1:])
         self.n_channels_ = self.activation_shape_[0]
         per_channel = 2 if self.pooling == "meanstd" else 1
@@ -334,16 +337,21 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             Labels from ``(x, y)`` batches; None for arrays and unlabelled batches.
         """
         check_is_fitted(self)
-        if not is_torch_data(X):
+        owner = type(self).__name__
+        torch_data = is_torch_data(X)
+        if not torch_data:
             X = validate_images(self, X, reset=False)
+            check_batch(torch.empty((0, *X.shape[1:])), owner, 0, self.input_shape_)
         batches, total = image_batches(X, self.batch_size)
         feats, labels = [], []
         bar = tqdm(batches, total=total, desc=f"features@{self.layer}", disable=self.verbose <= 0)
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
+            if torch_data:
+                check_batch(x, owner, i, self.input_shape_)
             feats.append(self._pooled(x))
             labels.append(y)
         if not feats:
-            raise ValueError("Found no images: the data is empty.")
+            raise ValueError(f"{owner} found no images: the data is empty.")
         return np.concatenate(feats).astype(np.float64, copy=False), labels_to_numpy(labels)
 
     def _pooled(self, x):
@@ -359,17 +367,18 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             out = run_to_layer(self.module_, self.module_.get_submodule(self.layer), x, extra)
         return out if extra else [out]
 
-    def _check_channel_layout(self, sample):
+    def _input_error(self, sample, exc):
+        """What to tell a user whose images the backbone could not run on."""
         expected = _first_in_channels(self.module_)
-        if expected is None or sample.ndim != 4 or sample.shape[1] == expected:
-            return
         hint = ""
-        if sample.shape[-1] == expected:
+        if sample.ndim != 4:
+            hint = f" Images must be (N, C, H, W); got {sample.ndim}-D data."
+        elif expected is not None and sample.shape[1] != expected and sample.shape[-1] == expected:
             hint = " It looks channels-last (N, H, W, C): use X.transpose(0, 3, 1, 2)."
-        raise ValueError(
-            f"The backbone's first convolution expects {expected} input channels, but the "
-            f"images have shape (N, {', '.join(map(str, sample.shape[1:]))}); images must "
-            f"be (N, C, H, W).{hint}"
+        return (
+            f"{type(self).__name__}: the backbone could not run on images of shape "
+            f"(N, {', '.join(map(str, sample.shape[1:]))}).{hint} The backbone said: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         )
 
     def __sklearn_tags__(self):

@@ -42,17 +42,48 @@ def split_batch(batch):
     )
 
 
-def first_input(X, batch_size):
+def first_input(X, batch_size, owner="The estimator"):
     """The first input of a Dataset or DataLoader, as an array of shape (1, ...)."""
-    x, _ = split_batch(next(iter(as_loader(X, batch_size))))
+    try:
+        batch = next(iter(as_loader(X, batch_size)))
+    except StopIteration:
+        raise ValueError(f"{owner} got an empty {type(X).__name__}: it yields no images.") from None
+    x, _ = split_batch(batch)
+    if x.shape[0] == 0:
+        raise ValueError(f"{owner} got an empty first batch: the data has no images.")
     return x[:1].detach().cpu().numpy()
+
+
+def _labels_array(p):
+    if isinstance(p, torch.Tensor):
+        return p.detach().cpu().numpy().reshape(-1)
+    return np.asarray(p).reshape(-1)  # a list of str (a Dataset's class names) stays str
 
 
 def labels_to_numpy(parts):
     """Concatenate per-batch labels; None if any batch had no labels."""
     if not parts or any(p is None for p in parts):
         return None
-    return np.concatenate([np.asarray(torch.as_tensor(p).cpu()).reshape(-1) for p in parts])
+    return np.concatenate([_labels_array(p) for p in parts])
+
+
+def check_batch(x, owner, index, input_shape=None):
+    """Refuse a batch with NaN/inf or with another image shape than the one fitted; warn on uint8."""
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(
+            f"{owner} was fitted on images of shape {tuple(input_shape)} (C, H, W) but batch {index} has "
+            f"images of shape {tuple(x.shape[1:])}. Resize (and normalize) inputs as for fit."
+        )
+    if x.dtype == torch.uint8:
+        warnings.warn(
+            "Got uint8 images: they are fed to the model as floats in [0, 255]. "
+            "Scale and normalize them as the model was trained.",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif x.is_floating_point() and not torch.isfinite(x).all():
+        bad = "NaN" if torch.isnan(x).any() else "infinity"
+        raise ValueError(f"{owner} got images containing {bad} (batch {index}).")
 
 
 def n_batches(loader):
@@ -107,7 +138,7 @@ def validate_fit_images(estimator, X, batch_size):
     its first batch.
     """
     if is_torch_data(X):
-        sample = first_input(X, batch_size)
+        sample = first_input(X, batch_size, type(estimator).__name__)
         estimator.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         return X, sample
     X = validate_images(estimator, X, reset=True)

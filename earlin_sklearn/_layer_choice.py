@@ -9,7 +9,7 @@ from sklearn.model_selection import GridSearchCV
 
 from ._cost import count_flops
 from ._detector import ShallowFeatureOODDetector
-from ._features import input_dtype
+from ._features import get_layer, input_dtype
 from ._scorers import make_pseudo_ood_scorer
 from ._split import available_split_points, split_model
 
@@ -107,14 +107,18 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         X = np.asarray(X)
     frozen = copy.deepcopy(backbone).eval()  # counting FLOPs runs it: never the user's model
     example = torch.as_tensor(np.asarray(X[:1]), dtype=input_dtype(frozen))
-    candidates = layers if layers is not None else default_candidates(frozen)
+    candidates = list(layers) if layers is not None else default_candidates(frozen)
+    for layer in candidates:
+        get_layer(frozen, layer)  # a typo is an error, never silently dropped
     full_flops = count_flops(frozen, example)
     costs = {}
     for layer in candidates:
         try:
             costs[layer] = edge_flops_fraction(frozen, layer, example, full_flops)
-        except ValueError:
-            continue  # not a valid cut point
+        except ValueError as exc:
+            if layers is not None:
+                raise ValueError(f"recommend_layer: {layer!r} cannot be a cut point: {exc}") from exc
+            continue  # a default candidate that is not a valid cut point
     within = [layer for layer in candidates if layer in costs and costs[layer] <= max_edge_flops]
     if not within:
         raise ValueError(f"No candidate layer runs within {100 * max_edge_flops:.0f}% of the model's FLOPs: "

@@ -15,6 +15,8 @@ def offset_for_tpr(scores, target_tpr):
     n_reject = int(np.floor(s.size * (1.0 - target_tpr) + 1e-9))
     if n_reject == 0:
         return float(s[0] - max(1e-9, 1e-6 * abs(s[0])))
+    if n_reject >= s.size:  # a target below 1/n accepts no training sample
+        return float(s[-1] + max(1e-9, 1e-6 * abs(s[-1])))
     return float(0.5 * (s[n_reject - 1] + s[n_reject]))
 
 

@@ -61,7 +61,7 @@ def test_unknown_layer_lists_closest_names(tiny_cnn, images):
 def test_layer_never_called_is_a_clear_error(images):
     net = make_tiny_cnn()
     net.unused = torch.nn.ReLU()
-    with pytest.raises(RuntimeError, match="never called"):
+    with pytest.raises(ValueError, match="never called"):
         BackboneFeatures(net, "unused", device="cpu").fit(images[0])
 
 
