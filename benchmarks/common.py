@@ -3,6 +3,7 @@
 Never imported by the package or its tests.
 """
 
+import functools
 import hashlib
 import json
 import platform
@@ -50,11 +51,46 @@ def normalize(x_uint8_nhwc, model="resnet20"):
     return normalize_unit(to_unit(x_uint8_nhwc), model)
 
 
-def load_npz(data_dir, name):
-    path = Path(data_dir) / name
+def verified_path(data_dir, name):
+    """``data_dir/name``, after checking it against the data's SHA256SUMS (refused on a mismatch)."""
+    root = Path(data_dir)
+    path = root / name
     if not path.exists():
         raise SystemExit(f"{path} not found: pass --data-dir pointing at the shared benchmark data.")
-    return np.load(path)
+    sums = root / "SHA256SUMS"
+    expected = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip()) \
+        if sums.exists() else {}
+    if name not in expected:
+        raise SystemExit(f"{name} is not listed in {sums}: refusing to load an unverified file.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected[name]:
+        raise SystemExit(f"{path} does not match its SHA256SUMS entry (got {digest[:12]}...): refusing to load it.")
+    return path
+
+
+def load_npz(data_dir, name):
+    """Arrays of a verified ``.npz`` (``allow_pickle`` stays False: no object arrays, no code)."""
+    return np.load(verified_path(data_dir, name))
+
+
+@functools.lru_cache(maxsize=4)
+def _unit_sets(data_dir, max_ood, n_noise, seed):
+    """The data sets in [0, 1], NCHW float32, read and decoded once per process (each model normalizes)."""
+    rng = np.random.default_rng(seed)
+    train = load_npz(data_dir, "cifar10_train_lossless5085.npz")
+    test = load_npz(data_dir, "cifar10_test_lossless1017.npz")
+    mnist = to_unit(load_npz(data_dir, "mnist_test.npz")["x"][:max_ood])
+    mnist = torch.nn.functional.interpolate(mnist, size=(32, 32), mode="bilinear", align_corners=False)
+    ood = {
+        "Tiny-ImageNet": to_unit(load_npz(data_dir, "tinyimagenet_resize.npz")["x"][:max_ood]),
+        "SVHN": to_unit(load_npz(data_dir, "svhn_train_partial288.npz")["x"]),
+        "MNIST": mnist.repeat(1, 3, 1, 1).clamp(0, 1),
+        "Textures": to_unit(load_npz(data_dir, "dtd_textures_partial1200.npz")["x"][:max_ood]),
+        "Gaussian noise": torch.from_numpy(np.clip(rng.normal(0.5, 1.0, (n_noise, 3, 32, 32)), 0, 1)).float(),
+        "Uniform noise": torch.from_numpy(rng.uniform(0, 1, (n_noise, 3, 32, 32))).float(),
+        "CIFAR-100": to_unit(load_npz(data_dir, "cifar100_test_partial148.npz")["x"]),
+    }
+    return (to_unit(train["x"]), torch.from_numpy(train["y"])), (to_unit(test["x"]), torch.from_numpy(test["y"])), ood
 
 
 def load_sets(data_dir, max_ood=2000, n_noise=1000, seed=0, model="resnet20"):
@@ -63,34 +99,17 @@ def load_sets(data_dir, max_ood=2000, n_noise=1000, seed=0, model="resnet20"):
     Large OOD sets are subsampled (first ``max_ood`` images); noise follows
     ODIN: Gaussian N(0.5, 1) clipped to [0, 1], and uniform U[0, 1].
     """
+    (xtr, ytr), (xte, yte), ood = _unit_sets(str(data_dir), max_ood, n_noise, seed)
     model = model_name(model)
-    rng = np.random.default_rng(seed)
-    train = load_npz(data_dir, "cifar10_train_lossless5085.npz")
-    test = load_npz(data_dir, "cifar10_test_lossless1017.npz")
-    mnist = load_npz(data_dir, "mnist_test.npz")["x"][:max_ood]
-    m = torch.from_numpy(mnist).permute(0, 3, 1, 2).float() / 255.0
-    m = torch.nn.functional.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    ood = {
-        "Tiny-ImageNet": normalize(load_npz(data_dir, "tinyimagenet_resize.npz")["x"][:max_ood], model),
-        "SVHN": normalize(load_npz(data_dir, "svhn_train_partial288.npz")["x"], model),
-        "MNIST": normalize_unit(m.clamp(0, 1), model),
-        "Textures": normalize(load_npz(data_dir, "dtd_textures_partial1200.npz")["x"][:max_ood], model),
-        "Gaussian noise": normalize_unit(
-            torch.from_numpy(np.clip(rng.normal(0.5, 1.0, (n_noise, 3, 32, 32)), 0, 1)).float(), model),
-        "Uniform noise": normalize_unit(torch.from_numpy(rng.uniform(0, 1, (n_noise, 3, 32, 32))).float(), model),
-        "CIFAR-100": normalize(load_npz(data_dir, "cifar100_test_partial148.npz")["x"], model),
-    }
-    return (
-        (normalize(train["x"], model), torch.from_numpy(train["y"])),
-        (normalize(test["x"], model), torch.from_numpy(test["y"])),
-        ood,
-    )
+    return ((normalize_unit(xtr, model), ytr), (normalize_unit(xte, model), yte),
+            {k: normalize_unit(v, model) for k, v in ood.items()})
 
 
 def load_model(data_dir, model):
-    """A development model (``"resnet20"``, ``"resnet56"``, ``"shufflenet"``; or depth 20 / 56) with its weights."""
+    """A development model (``"resnet20"``, ``"resnet56"``, ``"shufflenet"``; or depth 20 / 56) with its
+    verified weights (loaded with ``weights_only=True``)."""
     path, build, _, _, _ = MODELS[model_name(model)]
-    return build(Path(data_dir) / path)
+    return build(verified_path(data_dir, path))
 
 
 def input_std(model):

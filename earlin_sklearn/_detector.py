@@ -27,9 +27,10 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     Gaussian on the ID data (Yeo-Johnson), optionally keeps the most
     informative ones, and scores an input by its Mahalanobis distance to the
     nearest ID class centroid. The threshold comes from ID training data only;
-    no OOD data and no retraining are needed. Every default was chosen on ID
-    data only (held-out ID folds against pseudo-OOD made from them) and
-    checked on three architectures (docs/benchmarks.rst).
+    no OOD data and no retraining are needed. The defaults were selected among
+    candidates by an ID-only criterion (held-out ID folds against pseudo-OOD
+    made from them, on three architectures); docs/benchmarks.rst says how the
+    candidates themselves came about.
 
     Parameters
     ----------

@@ -11,6 +11,10 @@ from ._features import input_dtype, pool_activation
 from ._split import check_tensor_payload, split_model
 
 
+# PowerTransformer's test for a zero (or two) lambda, where Yeo-Johnson takes its log branch
+_LAMBDA_EPS = float(np.spacing(1.0))
+
+
 class EdgeOutput(NamedTuple):
     """What the edge module returns for a batch of inputs."""
 
@@ -55,7 +59,9 @@ class DetectorHead(nn.Module):
         self.gaussianize = gaussianize is not None
         if self.gaussianize:
             lambdas = np.asarray(gaussianize.lambdas_, dtype=np.float64)
-            scaler = getattr(gaussianize, "_scaler", None)
+            # PowerTransformer keeps its standardization in a private StandardScaler: read it (an
+            # AttributeError if scikit-learn renames it, never a silently unstandardized edge)
+            scaler = gaussianize._scaler if gaussianize.standardize else None
             mean = np.zeros_like(lambdas) if scaler is None else scaler.mean_
             scale = np.ones_like(lambdas) if scaler is None else scaler.scale_
             self.register_buffer("yj_lambda", torch.as_tensor(lambdas))
@@ -78,21 +84,19 @@ class DetectorHead(nn.Module):
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
 
     @classmethod
-    def from_steps(cls, select, distance, gaussianize=None, offset=None):
+    def from_steps(cls, select, distance, gaussianize=None):
         """Build from a fitted :class:`ChannelSelector`, :class:`DistanceDetector` (and power transform).
 
-        ``offset`` (default: the distance step's) is the threshold to deploy.
+        The threshold is the distance step's ``offset_``, the one that every path reads.
         """
-        offset = distance.offset_ if offset is None else offset
         n_pooled = gaussianize.n_features_in_ if gaussianize is not None else select.n_features_in_
-        return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, offset,
+        return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, distance.offset_,
                    n_pooled=n_pooled, gaussianize=gaussianize)
 
     def _yeo_johnson(self, x):
         # sklearn's PowerTransformer formula, both branches computed on clamped inputs (no NaN from the unused one)
-        lam = self.yj_lambda
+        lam, eps = self.yj_lambda, _LAMBDA_EPS
         pos, neg = x.clamp_min(0), (-x).clamp_min(0)
-        eps = float(np.spacing(1.0))
         lam_pos = torch.where(lam.abs() < eps, torch.ones_like(lam), lam)
         out_pos = torch.where(lam.abs() < eps, torch.log1p(pos), ((pos + 1).pow(lam_pos) - 1) / lam_pos)
         two = 2.0 - lam
@@ -184,8 +188,7 @@ def build_split(detector):
     prefix, suffix = split_model(module, features.layer, extra)
     gaussianize = detector.pipeline_["gaussianize"]
     head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"],
-                                   gaussianize=None if gaussianize == "passthrough" else gaussianize,
-                                   offset=detector.offset_)
+                                   gaussianize=None if gaussianize == "passthrough" else gaussianize)
     edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra)).eval().requires_grad_(False)
     cloud = CloudModule(suffix).eval().requires_grad_(False)
     example = torch.zeros((1, *features.input_shape_), dtype=input_dtype(module))

@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._inputs import (check_batch, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
+from ._inputs import (check_batch, check_image_shape, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
                       validate_images)
 
 logger = logging.getLogger(__name__)
@@ -108,12 +108,21 @@ class _ExtraTap:
             self.output = output
 
 
+class _NotATensor(TypeError):
+    """The tapped layer's output is not a tensor (a problem of the layer choice, not of the images)."""
+
+
 def _tensor_output(out, name):
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"The tapped layer {name!r} returned {type(out).__name__}, not a tensor.")
+        raise _NotATensor(f"The tapped layer {name!r} returned {type(out).__name__}, not a tensor.")
     return out
+
+
+def _is_block(module):
+    """A block holds layers; a single convolution, norm or activation does not."""
+    return next(module.children(), None) is not None
 
 
 def run_to_layer(module, layer_module, x, extra_modules=()):
@@ -159,27 +168,25 @@ def resolve_extra_layers(backbone, layer, extra_layers):
     ``stage2`` (an ``nn.Sequential`` of blocks, modules that hold layers),
     that is its second-to-last block; for a block inside an
     ``nn.Sequential``, its previous sibling block; otherwise (a single
-    convolution, norm or activation, or no block before it) there is none. That block's output is computed on the edge
-    anyway. The rule was chosen on ID data only (docs/benchmarks.rst).
+    convolution, norm or activation, or no block before it) there is none.
+    That block's output is computed on the edge anyway. One extra tap was
+    selected over none or two by an ID-only criterion (docs/benchmarks.rst).
     """
     if not (isinstance(extra_layers, str) and extra_layers == "auto"):
         names = list(extra_layers or ())
         for name in names:
             get_layer(backbone, name)
         return names
-    def is_block(module):  # a block holds layers; a single conv, norm or activation does not
-        return next(module.children(), None) is not None
-
     target = get_layer(backbone, layer)
     children = list(target.named_children())
-    if isinstance(target, torch.nn.Sequential) and len(children) >= 2 and all(is_block(m) for _, m in children):
+    if isinstance(target, torch.nn.Sequential) and len(children) >= 2 and all(_is_block(m) for _, m in children):
         return [f"{layer}.{children[-2][0]}"]
     parent_name, own = layer.rsplit(".", 1) if "." in layer else ("", layer)
     parent = backbone.get_submodule(parent_name) if parent_name else backbone
-    siblings = list(parent.named_children())
-    names = [n for n, _ in siblings]
+    names = [n for n, _ in parent.named_children()]
     at = names.index(own)
-    if isinstance(parent, torch.nn.Sequential) and at > 0 and is_block(siblings[at - 1][1]) and is_block(target):
+    if isinstance(parent, torch.nn.Sequential) and at > 0 and _is_block(target) \
+            and _is_block(parent.get_submodule(names[at - 1])):
         return [f"{parent_name}.{names[at - 1]}" if parent_name else names[at - 1]]
     return []
 
@@ -217,8 +224,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     pooling : {"mean", "max", "meanstd"}, default="meanstd"
         How each channel's feature map becomes numbers: mean (the EARLIN
         paper's reduction), max, or mean and standard deviation (two features
-        per channel; the default, chosen on ID data only in
-        docs/benchmarks.rst).
+        per channel; the default, see docs/benchmarks.rst).
     extra_layers : sequence of str, default=()
         Further layers that run before ``layer`` (taps inside the edge part,
         e.g. ``["layer1.1"]``); their pooled features come first, in the
@@ -301,6 +307,8 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self.module_ = copy.deepcopy(self.backbone).eval().requires_grad_(False).to(self.device_)
         try:
             *extra, activation = self._activations(sample)
+        except _NotATensor:
+            raise
         except (RuntimeError, TypeError, IndexError) as exc:  # the backbone refused the input
             raise ValueError(self._input_error(sample, exc)) from exc
         self.activation_shape_ = tuple(int(s) for s in activation.shape[1:])
@@ -341,7 +349,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         torch_data = is_torch_data(X)
         if not torch_data:
             X = validate_images(self, X, reset=False)
-            check_batch(torch.empty((0, *X.shape[1:])), owner, 0, self.input_shape_)
+            check_image_shape(X.shape[1:], owner, 0, self.input_shape_)
         batches, total = image_batches(X, self.batch_size)
         feats, labels = [], []
         bar = tqdm(batches, total=total, desc=f"features@{self.layer}", disable=self.verbose <= 0)

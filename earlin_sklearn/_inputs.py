@@ -67,20 +67,30 @@ def labels_to_numpy(parts):
     return np.concatenate([_labels_array(p) for p in parts])
 
 
-def check_batch(x, owner, index, input_shape=None):
-    """Refuse a batch with NaN/inf or with another image shape than the one fitted; warn on uint8."""
-    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+def warn_uint8(stacklevel):
+    """The one warning for uint8 images, from the array path and the loader path alike."""
+    warnings.warn(
+        "Got uint8 images: they are fed to the model as floats in [0, 255]. "
+        "Scale and normalize them as the model was trained.",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def check_image_shape(shape, owner, index, input_shape):
+    """Refuse images whose (C, H, W) differ from those seen in ``fit``."""
+    if tuple(shape) != tuple(input_shape):
         raise ValueError(
             f"{owner} was fitted on images of shape {tuple(input_shape)} (C, H, W) but batch {index} has "
-            f"images of shape {tuple(x.shape[1:])}. Resize (and normalize) inputs as for fit."
+            f"images of shape {tuple(shape)}. Resize (and normalize) inputs as for fit."
         )
+
+
+def check_batch(x, owner, index, input_shape):
+    """A loader's batch: the fitted image shape, no NaN/inf; uint8 warns."""
+    check_image_shape(x.shape[1:], owner, index, input_shape)
     if x.dtype == torch.uint8:
-        warnings.warn(
-            "Got uint8 images: they are fed to the model as floats in [0, 255]. "
-            "Scale and normalize them as the model was trained.",
-            UserWarning,
-            stacklevel=4,
-        )
+        warn_uint8(stacklevel=4)
     elif x.is_floating_point() and not torch.isfinite(x).all():
         bad = "NaN" if torch.isnan(x).any() else "infinity"
         raise ValueError(f"{owner} got images containing {bad} (batch {index}).")
@@ -115,12 +125,7 @@ def validate_images(estimator, X, reset):
         X = X.detach().cpu().numpy()
     X = validate_data(estimator, X, reset=reset, allow_nd=True, dtype="numeric")
     if X.dtype == np.uint8:
-        warnings.warn(
-            "Got uint8 images: they are fed to the model as floats in [0, 255]. "
-            "Scale and normalize them as the model was trained.",
-            UserWarning,
-            stacklevel=3,
-        )
+        warn_uint8(stacklevel=3)
     return X
 
 

@@ -7,7 +7,6 @@ import torch
 import torchvision
 from sklearn.preprocessing import PowerTransformer
 
-import earlin_sklearn._layer_choice as layer_choice
 import earlin_sklearn._scorers as scorers
 from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, recommend_layer
 from earlin_sklearn._features import resolve_extra_layers
@@ -29,8 +28,7 @@ def test_auto_extra_tap_is_the_block_before_the_last_one():
         resolve_extra_layers(net, "1", ["nope"])
 
 
-def test_extra_taps_are_concatenated_before_the_layer(images):
-    X, _ = images
+def test_extra_taps_are_concatenated_before_the_layer():
     net = cifar_resnet(20)
     X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     both = BackboneFeatures(net, "layer1", extra_layers=["layer1.1"], device="cpu").fit(X)
@@ -45,6 +43,48 @@ def test_an_extra_tap_after_the_layer_is_refused():
     X = torch.randn(4, 3, 32, 32)
     with pytest.raises(ValueError, match="must run before"):
         BackboneFeatures(net, "layer1", extra_layers=["layer2.0"], device="cpu").fit(X)
+    with pytest.raises(ValueError, match="must not contain `layer`"):
+        BackboneFeatures(net, "layer1", extra_layers=["layer1"], device="cpu").fit(X)
+
+
+def test_an_extra_tap_inside_a_non_sequential_cut_is_refused_at_export():
+    # layer1.0 is a residual block (not an nn.Sequential): its output is not its last child's
+    net = cifar_resnet(20)
+    X = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    det = ShallowFeatureOODDetector(net, "layer1.0", extra_layers=["layer1.0.conv1"], device="cpu").fit(X)
+    with pytest.raises(ValueError, match="only when it is an nn.Sequential"):
+        det.export_split()
+
+
+def test_a_layer_whose_output_is_not_a_tensor_is_named_as_such():
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return {"out": self.conv(x)}
+
+    net = torch.nn.Sequential(DictOut())
+    with pytest.raises(TypeError, match="returned dict, not a tensor"):
+        BackboneFeatures(net, "0", device="cpu").fit(torch.randn(4, 3, 8, 8))
+
+
+def test_shufflenet_loads_a_state_dict_the_user_has(tmp_path):
+    torch.manual_seed(1)
+    trained = cifar_shufflenet_v2()
+    path = tmp_path / "shufflenet.pt"
+    torch.save(trained.state_dict(), path)
+    loaded = cifar_shufflenet_v2(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x))
+    assert loaded.conv1[0].stride == (1, 1) and isinstance(loaded.maxpool, torch.nn.Identity)
+    torch.save({"fc.weight": torch.zeros(10, 1024)}, path)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        cifar_shufflenet_v2(path)  # strict: a partial or foreign state dict is refused
+    with pytest.raises(ValueError, match="width"):
+        cifar_shufflenet_v2(width="x3_0")
 
 
 def _fit_default(net, layer, size=32, n=96):
@@ -116,6 +156,10 @@ def test_overflowing_features_are_rejected_not_nan():
     scores = det.score_samples(X)
     assert not np.isnan(scores).any()
     assert (det.predict(X) == -1).all()
+    edge, _ = det.export_split()
+    with torch.no_grad():
+        out = edge(X)
+    assert not torch.isnan(out.score).any() and not out.is_id.any()
 
 
 def test_choices_never_see_ood_data(monkeypatch):
@@ -157,4 +201,3 @@ def test_choices_never_see_ood_data(monkeypatch):
     for kind, Z in seen:
         for z in Z:
             assert z.tobytes() in id_rows or (kind == "score" and z.tobytes() in made_from_id)
-    assert layer_choice.recommend_layer is recommend_layer
