@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._distance import METRICS, DistanceDetector, usable_labels
 from ._edge import build_split
-from ._features import POOLINGS, BackboneFeatures, resolve_extra_layers
+from ._features import LAYOUTS, POOLINGS, BackboneFeatures, resolve_extra_layers
 from ._inputs import is_torch_data
 from ._selection import CRITERIA, ChannelSelector
 from ._threshold import ThresholdMixin
@@ -46,6 +46,10 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     pooling : {"mean", "max", "meanstd"}, default="meanstd"
         Per-channel reduction (see :class:`BackboneFeatures`): each channel's
         mean (the EARLIN paper's reduction) and standard deviation.
+    layout : {"auto", "channels", "tokens", "tokens+cls"}, default="auto"
+        Axes of the tapped activations (see :class:`BackboneFeatures`):
+        ``"auto"`` pools 4-D activations per channel and 3-D ones, the token
+        sequences of vision transformers, per embedding dimension over tokens.
     extra_layers : "auto" or sequence of str, default="auto"
         Further taps inside the edge part whose pooled features join
         ``layer``'s (see :class:`BackboneFeatures`). ``"auto"``: the block
@@ -111,6 +115,7 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         ],
         "criterion": [StrOptions(set(CRITERIA))],
         "pooling": [StrOptions(set(POOLINGS))],
+        "layout": [StrOptions(set(LAYOUTS))],
         "extra_layers": [StrOptions({"auto"}), tuple, list],
         "gaussianize": [StrOptions({"yeo-johnson"}), None],
         "metric": [StrOptions(set(METRICS))],
@@ -130,6 +135,7 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         n_channels="all",
         criterion="auto",
         pooling="meanstd",
+        layout="auto",
         extra_layers="auto",
         gaussianize="yeo-johnson",
         metric="mahalanobis",
@@ -145,6 +151,7 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.n_channels = n_channels
         self.criterion = criterion
         self.pooling = pooling
+        self.layout = layout
         self.extra_layers = extra_layers
         self.gaussianize = gaussianize
         self.metric = metric
@@ -176,6 +183,7 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             self.backbone,
             self.layer,
             pooling=self.pooling,
+            layout=self.layout,
             extra_layers=tuple(extra_layers),
             batch_size=self.batch_size,
             device=self.device,

@@ -133,14 +133,17 @@ class EdgeModule(nn.Module):
     pooling : {"mean", "max", "meanstd"}
     n_extra : int, default=0
         Number of extra taps the prefix returns after the activation.
+    layout : {"channels", "tokens", "tokens+cls", "auto"}, default="channels"
+        Axes of the taps (see :func:`pool_activation`).
     """
 
-    def __init__(self, prefix, head, pooling, n_extra=0):
+    def __init__(self, prefix, head, pooling, n_extra=0, layout="channels"):
         super().__init__()
         self.prefix = prefix
         self.head = head
         self.pooling = pooling
         self.n_extra = int(n_extra)
+        self.layout = layout
 
     def taps_and_crossing(self, x):
         """``([*extra taps, activation], crossing)``: the detector's inputs and the payload tensors."""
@@ -149,7 +152,7 @@ class EdgeModule(nn.Module):
 
     def pooled(self, taps):
         """The detector's pooled features, in :class:`BackboneFeatures`' order."""
-        return torch.cat([pool_activation(a, self.pooling) for a in taps], dim=1)
+        return torch.cat([pool_activation(a, self.pooling, self.layout) for a in taps], dim=1)
 
     def forward(self, x):
         taps, crossing = self.taps_and_crossing(x)
@@ -185,12 +188,13 @@ def build_split(detector):
     features = detector.pipeline_["features"]
     module = copy.deepcopy(features.module_).cpu().eval()
     extra = features.extra_layers_
-    prefix, suffix = split_model(module, features.layer, extra)
+    example = torch.zeros((1, *features.input_shape_), dtype=input_dtype(module))
+    prefix, suffix = split_model(module, features.layer, extra, example=example)
     gaussianize = detector.pipeline_["gaussianize"]
     head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"],
                                    gaussianize=None if gaussianize == "passthrough" else gaussianize)
-    edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra)).eval().requires_grad_(False)
+    edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra), layout=features.layout)
+    edge = edge.eval().requires_grad_(False)
     cloud = CloudModule(suffix).eval().requires_grad_(False)
-    example = torch.zeros((1, *features.input_shape_), dtype=input_dtype(module))
     check_tensor_payload(prefix, example)
     return edge, cloud

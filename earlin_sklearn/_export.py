@@ -113,6 +113,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS):
         "input_shape": list(x.shape[1:]),
         "input_dtype": str(x.dtype).replace("torch.", ""),
         "pooling": edge.pooling,
+        "layout": edge.layout,
         "metric": edge.head.metric,
         "offset": float(edge.head.offset),
         "payload": [

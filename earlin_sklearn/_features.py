@@ -19,25 +19,51 @@ from ._inputs import (check_batch, check_image_shape, image_batches, is_torch_da
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "max", "meanstd")
+LAYOUTS = ("auto", "channels", "tokens", "tokens+cls")
 
 
-def pool_activation(activation, pooling):
+def resolve_layout(layout, activation):
+    """``"auto"`` -> ``"tokens"`` for a 3-D activation ``(N, tokens, dim)``, else ``"channels"``."""
+    if layout == "auto":
+        return "tokens" if activation.dim() == 3 else "channels"
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}.")
+    if layout != "channels" and activation.dim() != 3:
+        raise ValueError(f"layout={layout!r} needs a token sequence (N, tokens, dim); the tapped activation "
+                         f"has shape {tuple(activation.shape)}. Use layout='channels'.")
+    return layout
+
+
+def pool_activation(activation, pooling, layout="channels"):
     """Reduce each channel of an activation ``(N, C, *spatial)`` to numbers.
 
     Parameters
     ----------
-    activation : torch.Tensor of shape (N, C, ...)
+    activation : torch.Tensor of shape (N, C, ...) or (N, tokens, dim)
         Layer output. A 2-D activation ``(N, C)`` has no spatial extent: every
         pooling returns it unchanged (and a zero standard deviation for ``"meanstd"``).
     pooling : {"mean", "max", "meanstd"}
         ``"mean"``: channel average (the EARLIN reduction); ``"max"``: channel
         maximum; ``"meanstd"``: the C channel means followed by the C channel
         standard deviations.
+    layout : {"channels", "tokens", "tokens+cls", "auto"}, default="channels"
+        ``"channels"``: axis 1 holds the channels (convolutional networks).
+        ``"tokens"``: a token sequence ``(N, tokens, dim)`` as vision
+        transformers make; each embedding dimension is pooled over the tokens.
+        ``"tokens+cls"``: the same, with the first (class) token kept apart:
+        its ``dim`` values come first, then the pooled other tokens.
+        ``"auto"``: ``"tokens"`` for 3-D activations, else ``"channels"``.
 
     Returns
     -------
     pooled : torch.Tensor of shape (N, C) or (N, 2 * C)
+        (``dim`` more columns with ``"tokens+cls"``.)
     """
+    layout = resolve_layout(layout, activation)
+    if layout == "tokens":
+        return pool_activation(activation.transpose(1, 2), pooling)
+    if layout == "tokens+cls":
+        return torch.cat([activation[:, 0, :], pool_activation(activation[:, 1:, :].transpose(1, 2), pooling)], dim=1)
     flat = activation.flatten(2) if activation.dim() > 2 else activation.unsqueeze(2)
     if pooling == "mean":
         return flat.mean(dim=2)
@@ -225,6 +251,14 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         How each channel's feature map becomes numbers: mean (the EARLIN
         paper's reduction), max, or mean and standard deviation (two features
         per channel; the default, see docs/benchmarks.rst).
+    layout : {"auto", "channels", "tokens", "tokens+cls"}, default="auto"
+        What the axes of the tapped activations are. ``"channels"``:
+        ``(N, C, *spatial)``, as convolutional networks make. ``"tokens"``:
+        ``(N, tokens, dim)``, as vision transformers make; each embedding
+        dimension is pooled over the tokens. ``"tokens+cls"``: the same with
+        the class token (the first) kept apart, its values used as they are.
+        ``"auto"`` reads 3-D activations as tokens and the others as
+        channels; pass ``"channels"`` for a ``Conv1d`` output ``(N, C, L)``.
     extra_layers : sequence of str, default=()
         Further layers that run before ``layer`` (taps inside the edge part,
         e.g. ``["layer1.1"]``); their pooled features come first, in the
@@ -248,7 +282,10 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     input_shape_ : tuple of int
         Shape of one input, ``X.shape[1:]``, seen in ``fit``.
     n_channels_ : int
-        Number of channels of the tapped activation.
+        Number of channels of the tapped activation (the embedding dimension
+        of a token sequence).
+    layout_ : str
+        The resolved layout of the tapped activation.
     activation_shape_ : tuple of int
         Shape of the tapped activation for one input.
 
@@ -267,17 +304,19 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         "backbone": [torch.nn.Module],
         "layer": [str],
         "pooling": [StrOptions(set(POOLINGS))],
+        "layout": [StrOptions(set(LAYOUTS))],
         "extra_layers": ["array-like", tuple, list],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "verbose": ["verbose"],
     }
 
-    def __init__(self, backbone, layer, *, pooling="meanstd", extra_layers=(), batch_size=128, device="auto",
-                 verbose=0):
+    def __init__(self, backbone, layer, *, pooling="meanstd", layout="auto", extra_layers=(), batch_size=128,
+                 device="auto", verbose=0):
         self.backbone = backbone
         self.layer = layer
         self.pooling = pooling
+        self.layout = layout
         self.extra_layers = extra_layers
         self.batch_size = batch_size
         self.device = device
@@ -312,9 +351,9 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         except (RuntimeError, TypeError, IndexError) as exc:  # the backbone refused the input
             raise ValueError(self._input_error(sample, exc)) from exc
         self.activation_shape_ = tuple(int(s) for s in activation.shape[1:])
-        self.n_channels_ = self.activation_shape_[0]
-        per_channel = 2 if self.pooling == "meanstd" else 1
-        self._n_features_out = per_channel * sum(int(a.shape[1]) for a in (*extra, activation))
+        self.layout_ = resolve_layout(self.layout, activation)
+        self.n_channels_ = self.activation_shape_[-1 if self.layout_ != "channels" else 0]
+        self._n_features_out = sum(int(pool_activation(a, self.pooling, self.layout).shape[1]) for a in (*extra, activation))
         logger.debug("Tapped %r: activation shape %s", self.layer, self.activation_shape_)
         return self
 
@@ -363,7 +402,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         return np.concatenate(feats).astype(np.float64, copy=False), labels_to_numpy(labels)
 
     def _pooled(self, x):
-        pooled = [pool_activation(a, self.pooling) for a in self._activations(x)]
+        pooled = [pool_activation(a, self.pooling, self.layout) for a in self._activations(x)]
         return torch.cat(pooled, dim=1).float().cpu().numpy()
 
     def _activations(self, x):

@@ -95,12 +95,20 @@ def _cut_outside(backbone, layer, extra_layers):
     return cut
 
 
-def split_model(backbone, layer, extra_layers=()):
+def split_model(backbone, layer, extra_layers=(), example=None):
     """Cut ``backbone`` right after ``layer`` (its first call).
 
     Every tensor computed on the edge side and used on the cloud side crosses
     the cut (skip connections and dense concatenations included); parameters
     and buffers are never sent, the cloud part holds its own.
+
+    Values that are not tensors (the batch size or a patch-grid size read
+    from ``x.shape``, as in vision transformers) cannot be sent. Given an
+    ``example`` input, the split runs the edge part on it at batch sizes 1
+    and 2 and settles each such value on the cloud side: one that is the same
+    at both is written into the cloud part as a constant; one that equals the
+    batch size is recomputed there as the batch size of a tensor that
+    crosses. Any other non-tensor value is refused with a clear error.
 
     Parameters
     ----------
@@ -110,6 +118,10 @@ def split_model(backbone, layer, extra_layers=()):
     extra_layers : sequence of str, default=()
         Layers that run before ``layer`` whose outputs the edge part returns
         too (the detector's extra taps).
+    example : torch.Tensor of shape (1, C, H, W), default=None
+        One input of the deployed size, used only to settle non-tensor values
+        that cross the cut (see above). Without it such values are left in
+        the payload and :func:`check_tensor_payload` refuses them.
 
     Returns
     -------
@@ -146,16 +158,19 @@ def split_model(backbone, layer, extra_layers=()):
     crossing = [
         n for n in edge_nodes if n.op != "get_attr" and any(user not in edge_set for user in n.users)
     ]
-
-    edge_graph, edge_env = fx.Graph(), {}
-    for node in edge_nodes:
-        edge_env[node] = edge_graph.node_copy(node, lambda a: edge_env[a])
-    edge_graph.output((edge_env[nodes[cut_at]], *[edge_env[nodes[i]] for i in extra_at],
-                       *[edge_env[n] for n in crossing]))
+    outputs = [nodes[cut_at], *[nodes[i] for i in extra_at]]
+    settled = {}
+    if example is not None:
+        probe = fx.GraphModule(gm, _edge_graph(edge_nodes, outputs + crossing), "EdgeProbe")
+        settled = _settle_non_tensors(probe, example, crossing, len(outputs))
+        crossing = [n for n in crossing if n not in settled]
 
     cloud_graph, cloud_env = fx.Graph(), {}
     for node in crossing:
         cloud_env[node] = cloud_graph.placeholder(node.name)
+    for node, (kind, value) in settled.items():
+        # a batch size is read from the first crossing tensor with a batch dimension; a constant is written in
+        cloud_env[node] = value if kind == "constant" else cloud_graph.call_method("size", (cloud_env[value], 0))
 
     def cloud_arg(arg):
         if arg not in cloud_env:  # a parameter or buffer read on the edge side: read it again
@@ -165,11 +180,55 @@ def split_model(backbone, layer, extra_layers=()):
     for node in nodes[cut_at + 1 :]:
         cloud_env[node] = cloud_graph.node_copy(node, cloud_arg)
 
-    edge = fx.GraphModule(gm, edge_graph, "EdgePrefix")
+    edge = fx.GraphModule(gm, _edge_graph(edge_nodes, outputs + crossing), "EdgePrefix")
     cloud = fx.GraphModule(gm, cloud_graph, "CloudSuffix")
     edge.crossing_names = [n.name for n in crossing]
     edge.n_extra = len(extra_layers)
+    edge.settled = {n.name: kind for n, (kind, _) in settled.items()}
     return edge, cloud
+
+
+def _edge_graph(edge_nodes, outputs):
+    graph, env = fx.Graph(), {}
+    for node in edge_nodes:
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[n] for n in outputs))
+    return graph
+
+
+_LITERALS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _is_literal(value):
+    if isinstance(value, (tuple, list)):  # torch.Size included
+        return all(_is_literal(v) for v in value)
+    return isinstance(value, _LITERALS)
+
+
+def _settle_non_tensors(probe, example, crossing, n_outputs):
+    """``{node: ("constant", value) | ("batch", tensor node)}`` for the non-tensor values that cross."""
+    if example.dim() < 1 or example.shape[0] != 1:
+        raise ValueError(f"split_model's example must be one input of shape (1, ...); got {tuple(example.shape)}.")
+    with torch.no_grad():
+        one = probe(example)[n_outputs:]
+        two = probe(torch.cat([example, example]))[n_outputs:]
+    batched = next((n for n, a, b in zip(crossing, one, two) if isinstance(a, torch.Tensor)
+                    and a.dim() > 0 and a.shape[0] == 1 and b.shape[0] == 2), None)
+    settled = {}
+    for node, a, b in zip(crossing, one, two):
+        if isinstance(a, torch.Tensor):
+            continue
+        if _is_literal(a) and a == b:
+            settled[node] = ("constant", a)
+        elif isinstance(a, int) and not isinstance(a, bool) and (a, b) == (1, 2) and batched is not None:
+            settled[node] = ("batch", batched)
+        else:
+            raise ValueError(
+                f"The value {node.name!r} ({type(a).__name__}: {a!r} at batch size 1, {b!r} at 2) would cross "
+                "the cut: it is not a tensor, not a constant and not the batch size, so the cloud part cannot "
+                "receive or recompute it. Cut at another layer."
+            )
+    return settled
 
 
 def check_tensor_payload(edge, example):
