@@ -16,9 +16,10 @@ from ._features import LAYOUTS, POOLINGS, BackboneFeatures, resolve_extra_layers
 from ._inputs import is_torch_data
 from ._selection import CRITERIA, ChannelSelector
 from ._threshold import ThresholdMixin
+from ._torch import TorchStateMixin
 
 
-class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
     """Early OOD detection from a shallow layer of a frozen CNN (EARLIN).
 
     Taps ``layer`` of the backbone (and, by default, the block just before
@@ -104,6 +105,12 @@ class ShallowFeatureOODDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     >>> det.predict(X[:4]).tolist(), det.predict(X[:4] * 50).tolist()
     ([1, 1, 1, 1], [-1, -1, -1, -1])
     """
+
+    _torch_param = ("backbone", None)  # the fitted copy lives in pipeline_["features"].module_
+
+    def _fitted_copy_of_param(self):
+        pipeline = getattr(self, "pipeline_", None)
+        return pipeline["features"].module_ if pipeline is not None else None
 
     _parameter_constraints = {
         "backbone": [torch.nn.Module],

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._features import input_dtype, pool_activation
+from ._features import pool_activation
+from ._torch import input_dtype
 from ._split import check_tensor_payload, split_model
 
 

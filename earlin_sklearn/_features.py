@@ -1,9 +1,6 @@
 """The feature tap: pooled per-channel activations of one layer of a frozen backbone."""
 
-import copy
-import difflib
 import logging
-import warnings
 from numbers import Integral
 
 import numpy as np
@@ -13,6 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._torch import TorchStateMixin, first_in_channels, frozen_copy, get_layer, input_dtype, resolve_device
 from ._inputs import (check_batch, check_image_shape, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
                       validate_images)
 
@@ -75,33 +73,6 @@ def pool_activation(activation, pooling, layout="channels"):
         std = (flat - mean).square().mean(dim=2).sqrt()
         return torch.cat([mean.squeeze(2), std], dim=1)
     raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
-
-
-def resolve_device(device):
-    """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def get_layer(module, layer):
-    """The submodule called ``layer`` (dotted name as in ``named_modules()``).
-
-    Raises
-    ------
-    ValueError
-        If no such submodule exists; the message lists the closest valid names.
-    """
-    names = [name for name, _ in module.named_modules() if name]
-    if layer in names:
-        return module.get_submodule(layer)
-    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.4)
-    hint = f" Closest valid names: {close}." if close else ""
-    raise ValueError(
-        f"Layer {layer!r} is not a submodule of the backbone.{hint} "
-        f"Valid names are those of `backbone.named_modules()` ({len(names)} in all, "
-        f"e.g. {names[:6]})."
-    )
 
 
 class _LayerReached(Exception):
@@ -217,20 +188,7 @@ def resolve_extra_layers(backbone, layer, extra_layers):
     return []
 
 
-def input_dtype(module):
-    """The floating dtype that ``module`` computes in (of its first parameter; float32 by default)."""
-    dtype = next(module.parameters(), torch.empty(0)).dtype
-    return dtype if dtype.is_floating_point else torch.float32
-
-
-def _first_in_channels(module):
-    for sub in module.modules():
-        if isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            return sub.in_channels
-    return None
-
-
-class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Pooled per-channel activations of one layer of a frozen PyTorch backbone.
 
     A transformer from images ``(N, C, H, W)`` to features ``(N, n_features)``.
@@ -300,6 +258,9 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     (10, 16)
     """
 
+    _torch_modules = ("module_",)
+    _torch_param = ("backbone", "module_")
+
     _parameter_constraints = {
         "backbone": [torch.nn.Module],
         "layer": [str],
@@ -343,7 +304,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         X, sample = validate_fit_images(self, X, self.batch_size)
         self.input_shape_ = tuple(int(s) for s in sample.shape[1:])
         self.device_ = resolve_device(self.device)
-        self.module_ = copy.deepcopy(self.backbone).eval().requires_grad_(False).to(self.device_)
+        self.module_ = frozen_copy(self.backbone, self.device_)
         try:
             *extra, activation = self._activations(sample)
         except _NotATensor:
@@ -416,7 +377,7 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     def _input_error(self, sample, exc):
         """What to tell a user whose images the backbone could not run on."""
-        expected = _first_in_channels(self.module_)
+        expected = first_in_channels(self.module_)
         hint = ""
         if sample.ndim != 4:
             hint = f" Images must be (N, C, H, W); got {sample.ndim}-D data."
@@ -432,24 +393,3 @@ class BackboneFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
         return tags
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # object.__getstate__ returns __dict__ itself
-        if "module_" in state and self.device_.type != "cpu":
-            state["module_"] = copy.deepcopy(self.module_).cpu()
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if "module_" in state:
-            device = self.device_
-            if device.type == "cuda" and not torch.cuda.is_available():
-                warnings.warn(
-                    f"This model was fitted on {device}, which this machine lacks; "
-                    "it runs on the CPU instead.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                device = torch.device("cpu")
-            self.device_ = device
-            self.module_ = self.module_.to(device)

@@ -9,7 +9,7 @@ from sklearn.model_selection import GridSearchCV
 
 from ._cost import count_flops
 from ._detector import ShallowFeatureOODDetector
-from ._features import get_layer, input_dtype
+from ._torch import get_layer, input_dtype
 from ._scorers import make_pseudo_ood_scorer
 from ._split import available_split_points, split_model
 

@@ -4,7 +4,7 @@ import torch
 from torch import fx
 from torchvision.models.feature_extraction import LeafModuleAwareTracer, _set_default_tracer_kwargs
 
-from ._features import get_layer
+from ._torch import get_layer
 
 
 class _CutTracer(LeafModuleAwareTracer):

@@ -16,7 +16,6 @@ All follow the package's conventions: ``score_samples`` higher = more ID,
 {+1, -1}.
 """
 
-import copy
 import warnings
 from numbers import Integral, Real
 
@@ -29,14 +28,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._features import input_dtype, resolve_device
+from ._torch import TorchStateMixin, frozen_copy, input_dtype, resolve_device
 from ._inputs import image_batches, is_torch_data, to_model_input, validate_fit_images, validate_images
 from ._threshold import ThresholdMixin, offset_for_tpr
 
 LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
 
 
-class LogitDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
     """OOD scores from a classifier's logits: MSP, energy, ODIN or max logit.
 
     Parameters
@@ -67,6 +66,9 @@ class LogitDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     offset_ : float
     n_features_in_ : int
     """
+
+    _torch_modules = ("model_",)
+    _torch_param = ("model", "model_")
 
     _parameter_constraints = {
         "model": [torch.nn.Module],
@@ -107,7 +109,7 @@ class LogitDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """
         X, _ = validate_fit_images(self, X, self.batch_size)
         self.device_ = resolve_device(self.device)
-        self.model_ = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.device_)
+        self.model_ = frozen_copy(self.model, self.device_)
         self.offset_ = offset_for_tpr(self._scores(X), self.target_tpr)
         return self
 

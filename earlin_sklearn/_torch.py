@@ -1,0 +1,150 @@
+"""The one home for torch state: devices, dtypes, layer names, and how estimators holding modules pickle.
+
+Every estimator that holds a torch module (:class:`BackboneFeatures`,
+:class:`ShallowFeatureOODDetector`, :class:`~earlin_sklearn.baselines.LogitDetector`)
+inherits :class:`TorchStateMixin`, in the spirit of skorch's
+``cuda_dependent_attributes_``:
+
+- fitted modules are stored as ``torch.save`` bytes (tensors on the CPU), so a
+  detector fitted on a GPU loads on a CPU-only machine;
+- on loading they go back to the fitted device, or to the CPU with a warning
+  when that device is missing;
+- the unfitted module parameter (``backbone``, ``model``) is not stored a
+  second time: after loading it is the fitted frozen copy (same weights);
+- the torch version is recorded; a pickle from another torch version that
+  cannot be read fails with a message that says so, not a deep traceback.
+"""
+
+import copy
+import difflib
+import io
+import warnings
+
+import torch
+
+_STATE_KEY = "_earlin_torch_state"
+
+
+def resolve_device(device):
+    """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def input_dtype(module):
+    """The floating dtype that ``module`` computes in (of its first parameter; float32 by default)."""
+    dtype = next(module.parameters(), torch.empty(0)).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def first_in_channels(module):
+    """``in_channels`` of the first convolution registered in ``module`` (None without one)."""
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return sub.in_channels
+    return None
+
+
+def get_layer(module, layer):
+    """The submodule called ``layer`` (dotted name as in ``named_modules()``).
+
+    Raises
+    ------
+    ValueError
+        If no such submodule exists; the message lists the closest valid names.
+    """
+    names = [name for name, _ in module.named_modules() if name]
+    if layer in names:
+        return module.get_submodule(layer)
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.4)
+    hint = f" Closest valid names: {close}." if close else ""
+    raise ValueError(
+        f"Layer {layer!r} is not a submodule of the backbone.{hint} "
+        f"Valid names are those of `backbone.named_modules()` ({len(names)} in all, "
+        f"e.g. {names[:6]})."
+    )
+
+
+def frozen_copy(module, device):
+    """A deep copy of ``module`` in evaluation mode, gradients off, on ``device``; ``module`` is untouched."""
+    return copy.deepcopy(module).eval().requires_grad_(False).to(device)
+
+
+def _to_bytes(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+class TorchStateMixin:
+    """Pickling for estimators that hold torch modules (see the module docstring).
+
+    Subclasses set ``_torch_modules``: the fitted attributes that hold modules
+    (e.g. ``("module_",)``), and ``_torch_param``: ``(parameter name, fitted
+    attribute)`` for the user's module that the fitted copy replaces, or
+    override :meth:`_fitted_copy_of_param`. The fitted device is read from
+    ``device_``.
+    """
+
+    _torch_modules = ()
+    _torch_param = None
+
+    def _fitted_copy_of_param(self):
+        """The fitted module that stands for the unfitted module parameter (None when unfitted)."""
+        if self._torch_param is None:
+            return None
+        return getattr(self, self._torch_param[1], None)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        fitted = {name: state.pop(name) for name in self._torch_modules if name in state}
+        param = self._torch_param[0] if self._torch_param else None
+        if param is not None and param in state and self._fitted_copy_of_param() is not None:
+            state.pop(param)  # stored once: after loading it is the fitted copy
+        else:
+            param = None
+        if fitted or param is not None:
+            state[_STATE_KEY] = {
+                "torch_version": torch.__version__,
+                "modules": {name: _to_bytes(module) for name, module in fitted.items()},
+                "param": param,
+            }
+        return state
+
+    def __setstate__(self, state):
+        torch_state = state.pop(_STATE_KEY, None)
+        super().__setstate__(state)
+        if torch_state is None:
+            return
+        saved_version = torch_state["torch_version"]
+        if saved_version.split(".")[:2] != torch.__version__.split(".")[:2]:
+            warnings.warn(
+                f"This {type(self).__name__} was pickled with torch {saved_version}; this machine has torch "
+                f"{torch.__version__}. Check its scores before deploying it, or refit.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if torch_state["modules"]:
+            device = getattr(self, "device_", torch.device("cpu"))
+            if device.type == "cuda" and not torch.cuda.is_available():
+                warnings.warn(
+                    f"This {type(self).__name__} was fitted on {device}, which this machine lacks; "
+                    "it runs on the CPU instead.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                device = torch.device("cpu")
+                self.device_ = device
+        for name, blob in torch_state["modules"].items():
+            try:
+                module = torch.load(io.BytesIO(blob), map_location=device, weights_only=False)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"Cannot load the torch module {name!r} of this {type(self).__name__}: it was saved with "
+                    f"torch {saved_version} and this machine has torch {torch.__version__}. Load it with "
+                    f"torch {saved_version}, or refit. (torch said: {type(exc).__name__}: {exc})"
+                ) from exc
+            setattr(self, name, module)
+        if torch_state["param"] is not None:
+            setattr(self, torch_state["param"], self._fitted_copy_of_param())
