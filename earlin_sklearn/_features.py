@@ -364,7 +364,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
 
     def _pooled(self, x):
         pooled = [pool_activation(a, self.pooling, self.layout) for a in self._activations(x)]
-        return torch.cat(pooled, dim=1).float().cpu().numpy()
+        return torch.cat(pooled, dim=1).double().cpu().numpy()  # float64 backbones keep their precision
 
     def _activations(self, x):
         """``[*extra taps, layer]`` activations of a batch."""

@@ -140,3 +140,24 @@ def test_unfitted_and_wrong_shape(tiny_cnn, images):
     det.fit(images[0])
     with pytest.raises(ValueError, match="features"):
         det.predict(images[0][:, :2])
+
+
+def test_scores_do_not_depend_on_the_batch_size():
+    # float64 backbone: batch 1 (as the edge runs) equals batch 64 to 1e-9, estimator and edge alike
+    from earlin_sklearn.models import cifar_resnet
+
+    torch.manual_seed(0)
+    X = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    y = np.arange(96) % 4
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        net = cifar_resnet(20).to(dtype)
+        det = ShallowFeatureOODDetector(net, "layer1", device="cpu", batch_size=64).fit(X, y)
+        s64 = det.score_samples(X[:64])
+        det.pipeline_["features"].batch_size = 1
+        s1 = det.score_samples(X[:64])
+        edge, _ = det.export_split()
+        e1 = np.concatenate([edge(torch.as_tensor(X[i : i + 1]).to(dtype)).score.numpy() for i in range(64)])
+        # float32: oneDNN picks its convolution kernel by batch shape; differences stay ~1e-5 of a score
+        # spread of ~0.5 (docs/user_guide.rst, "Batch size and precision")
+        np.testing.assert_allclose(s1, s64, rtol=0, atol=tol)
+        np.testing.assert_allclose(e1, s64, rtol=0, atol=tol)
