@@ -138,7 +138,7 @@ def main(argv=None):
         try:
             for fraction in args.fractions:
                 X, y = make_stream(Xte, yte, ood, args.n, fraction, rng)
-                runs = {"cloud only (raw float32)": cloud_only(url, manifest["cloud_version"], X, y)}
+                runs = {"cloud only (raw float32)": cloud_only(url, manifest["version"], X, y)}
                 for upload, encoding in (("activations", "float32"), ("activations", "float16"),
                                          ("activations", "int8"), ("raw", "float32")):
                     with EdgeRunner(split_dir, url, upload=upload, encoding=encoding) as runner:

@@ -13,7 +13,7 @@ from ._detector import ShallowFeatureOODDetector
 from ._distance import DistanceDetector
 from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput
 from ._edge_runner import EdgeRecord, EdgeRunner
-from ._export import save_split
+from ._export import SplitVerificationError, load_split, save_split
 from ._features import BackboneFeatures
 from ._layer_choice import LayerRecommendation, recommend_layer
 from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
@@ -46,6 +46,8 @@ __all__ = [
     "metrics",
     "recommend_layer",
     "save_split",
+    "load_split",
+    "SplitVerificationError",
     "split_cost",
     "split_model",
 ]

@@ -8,6 +8,14 @@
 import argparse
 import os
 import sys
+from pathlib import Path
+
+
+def _secret_options(sub_parser):
+    sub_parser.add_argument("--token-file", help="read the bearer token from this file (keeps it out of `ps`)")
+    sub_parser.add_argument("--key", default=os.environ.get("EARLIN_SPLIT_KEY"), help=argparse.SUPPRESS)
+    sub_parser.add_argument("--key-file", help="accept only a split signed with the key in this file "
+                                               "(save_split(..., key=...); default: $EARLIN_SPLIT_KEY, or none)")
 
 
 def main(argv=None):
@@ -24,6 +32,8 @@ def main(argv=None):
     serve.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"),
                        help="require 'Authorization: Bearer TOKEN' (default: $EARLIN_TOKEN, or none)")
     serve.add_argument("--max-bytes", type=int, default=64 * 2**20, help="largest request body")
+    for sub_parser in (serve,):
+        _secret_options(sub_parser)
 
     edge = sub.add_parser("run-edge", help="run the exported edge part on a stream, upload ID inputs")
     edge.add_argument("split_dir", help="directory written by earlin_sklearn.save_split")
@@ -35,7 +45,15 @@ def main(argv=None):
     edge.add_argument("--encoding", choices=["float32", "float16", "int8"], default="float32")
     edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
     edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input")
+    _secret_options(edge)
     args = parser.parse_args(argv)
+    for name in ("token", "key"):
+        path = getattr(args, f"{name}_file", None)
+        if path:
+            try:
+                setattr(args, name, Path(path).read_text().strip())
+            except OSError as exc:
+                parser.error(f"--{name}-file: {exc}")
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -43,14 +61,15 @@ def main(argv=None):
     elif args.command == "serve-cloud":
         from ._server import serve
 
-        serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+        serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key)
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")
         from ._edge_runner import EdgeRunner, read_inputs, summarize
 
         X, y = read_inputs(args.input, args.mean, args.std)
-        with EdgeRunner(args.split_dir, args.url, upload=args.upload, encoding=args.encoding, token=args.token) as runner:
+        with EdgeRunner(args.split_dir, args.url, upload=args.upload, encoding=args.encoding, token=args.token,
+                        key=args.key) as runner:
             records = runner.run(X, labels=y, log=args.log)
         summary = summarize(records)
         print(f"{summary['inputs']} inputs, {summary['uploaded']} uploaded ({runner.upload}, {args.encoding}), "

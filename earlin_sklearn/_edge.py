@@ -195,6 +195,7 @@ def build_split(detector):
     head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"],
                                    gaussianize=None if gaussianize == "passthrough" else gaussianize)
     edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra), layout=features.layout)
+    edge.layer, edge.extra_layers = features.layer, list(extra)
     edge = edge.eval().requires_grad_(False)
     cloud = CloudModule(suffix).eval().requires_grad_(False)
     check_tensor_payload(prefix, example)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encoded_size
-from ._server import load_split
+from ._export import load_split
 
 UPLOADS = ("activations", "raw", "auto")
 
@@ -64,20 +64,22 @@ class EdgeRunner:
         For ``upload="auto"``.
     timeout : float, default=30
         Seconds per request.
+    key : bytes or str, default=None
+        Run only a split signed with this key (see :func:`save_split`).
     """
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
-                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0):
+                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None):
         import httpx
 
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}.")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}.")
-        self.manifest, self.edge, _ = load_split(split_dir)
+        self.manifest, self.edge, _ = load_split(split_dir, parts=("edge",), key=key)
         self.upload = choose_upload(self.manifest, encoding, uplink_mbit_s, cloud_gflop_s) if upload == "auto" else upload
         self.encoding = encoding
-        headers = {HEADER_ENCODING: encoding, HEADER_VERSION: self.manifest["cloud_version"], HEADER_BATCH: "1",
+        headers = {HEADER_ENCODING: encoding, HEADER_VERSION: self.manifest["version"], HEADER_BATCH: "1",
                    "Content-Type": "application/octet-stream"}
         if token:
             headers["Authorization"] = f"Bearer {token}"

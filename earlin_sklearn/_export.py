@@ -1,14 +1,27 @@
-"""Export of the split model: torch.export (.pt2) and ONNX files, plus a JSON manifest.
+"""The split's artifacts: writing them (torch.export .pt2, ONNX, a JSON manifest) and loading them safely.
 
 The files need neither scikit-learn nor this package to run: ``edge.pt2``
 loads with ``torch.export.load`` and ``edge.onnx`` runs in onnxruntime.
 The edge file returns the flat tuple ``(is_id, score, *payload)``, the cloud
 file takes ``*payload`` and returns the model's output.
+
+``split.json`` lists the sha256 of every file, the cut and the payload; its
+``version`` is the sha256 of all of that, so two splits that differ in any
+file or in the cut never share a version. :func:`load_split` refuses a
+directory whose manifest, files or (with a key) HMAC signature do not match,
+and refuses a ``.pt2`` archive holding anything that ``torch.export.load``
+would unpickle (pickled weights or constants, custom objects, sample inputs
+that need more than ``weights_only`` loading): loading a split never runs code
+from the files.
 """
 
 import hashlib
+import hmac
+import io
 import json
+import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +30,10 @@ from torch import nn
 from ._cost import count_flops
 
 FORMATS = ("pt2", "onnx")
+PARTS = ("edge", "cloud")
+MANIFEST = "split.json"
+SPLIT_FORMAT = "earlin-split/2"
+_MAX_MANIFEST_BYTES = 1 << 20
 
 
 class FlatEdge(nn.Module):
@@ -36,15 +53,33 @@ class FlatEdge(nn.Module):
         return (out.is_id, out.score, *payload)
 
 
-def _digest(module):
+def _file_sha256(path):
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def save_split(edge, cloud, directory, example_input, formats=FORMATS):
+def _canonical(manifest):
+    """The manifest's bytes that its version and signature cover (everything but those two)."""
+    body = {k: v for k, v in manifest.items() if k not in ("version", "signature")}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _key_bytes(key):
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ValueError("A signing key must be bytes or str of at least 16 bytes (e.g. secrets.token_bytes(32)).")
+    return key
+
+
+def _signature(manifest, key):
+    return hmac.new(_key_bytes(key), _canonical(manifest), hashlib.sha256).hexdigest()
+
+
+def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, preprocessing=None, key=None):
     """Write the edge and cloud modules as deployable files.
 
     Parameters
@@ -59,12 +94,20 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS):
         A batch of valid inputs; the batch dimension stays dynamic in the files.
     formats : sequence of {"pt2", "onnx"}, default=("pt2", "onnx")
         ONNX needs the ``onnx`` and ``onnxscript`` packages (``pip install earlin_sklearn[export]``).
+    preprocessing : dict, default=None
+        How raw images become the model input (e.g. ``{"mean": [...], "std":
+        [...]}``), recorded in the manifest for the edge runner and server.
+    key : bytes or str, default=None
+        Signs the manifest with HMAC-SHA256; :func:`load_split` given the
+        same key refuses a split that was not signed with it.
 
     Returns
     -------
     paths : dict
         ``{"edge.pt2": Path, ..., "manifest": Path}``.
     """
+    if preprocessing is not None and not isinstance(preprocessing, dict):
+        raise TypeError(f"preprocessing must be a dict (e.g. {{'mean': [...], 'std': [...]}}); got {type(preprocessing).__name__}.")
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"formats must be among {FORMATS}; got {sorted(unknown)}.")
@@ -108,23 +151,160 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS):
     x1 = x[:1]
     edge_flops = count_flops(flat, x1)
     cloud_flops = count_flops(cloud.suffix, *[p[:1] for p in payload])
+    payload_spec = [
+        {"name": n, "shape": list(p.shape[1:]), "dtype": str(p.dtype).replace("torch.", "")}
+        for n, p in zip(cloud_inputs, payload)
+    ]
     manifest = {
-        "format": "earlin-split/1",
+        "format": SPLIT_FORMAT,
         "input_shape": list(x.shape[1:]),
         "input_dtype": str(x.dtype).replace("torch.", ""),
+        "preprocessing": preprocessing,
+        "cut": {"layer": getattr(edge, "layer", None), "extra_layers": list(getattr(edge, "extra_layers", [])),
+                "settled": dict(getattr(edge.prefix, "settled", {}))},
         "pooling": edge.pooling,
         "layout": edge.layout,
         "metric": edge.head.metric,
         "offset": float(edge.head.offset),
-        "payload": [
-            {"name": n, "shape": list(p.shape[1:]), "dtype": str(p.dtype).replace("torch.", "")}
-            for n, p in zip(cloud_inputs, payload)
-        ],
+        "payload": payload_spec,
         "flops": {"edge": edge_flops, "cloud": cloud_flops, "full": edge_flops + cloud_flops},
-        "cloud_version": _digest(cloud),
-        "edge_version": _digest(edge),
-        "files": sorted(k for k in paths),
+        "files": {name: _file_sha256(path) for name, path in sorted(paths.items())},
     }
-    paths["manifest"] = directory / "split.json"
+    manifest["version"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+    if key is not None:
+        manifest["signature"] = _signature(manifest, key)
+    paths["manifest"] = directory / MANIFEST
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
+
+
+class SplitVerificationError(ValueError):
+    """A split directory that does not match its manifest, its signature, or holds code."""
+
+
+def read_manifest(directory, key=None):
+    """The verified manifest of a split directory (its version recomputed; its signature checked with ``key``).
+
+    Raises
+    ------
+    SplitVerificationError
+        If the manifest is malformed, from another format, modified after it
+        was written, or not signed with ``key``.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass a directory written by earlin_sklearn.save_split.")
+    if path.stat().st_size > _MAX_MANIFEST_BYTES:
+        raise SplitVerificationError(f"{path} is over {_MAX_MANIFEST_BYTES} bytes: not a split manifest.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SplitVerificationError(f"{path} is not valid JSON: {exc}.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SPLIT_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise SplitVerificationError(f"{path} has format {got!r}; this earlin_sklearn reads {SPLIT_FORMAT!r}. "
+                                     "Export the split again with save_split.")
+    if not isinstance(manifest.get("files"), dict) or manifest.get("version") != hashlib.sha256(_canonical(manifest)).hexdigest():
+        raise SplitVerificationError(f"{path} was modified after save_split wrote it (its version does not match "
+                                     "its contents); refusing it.")
+    if key is not None:
+        signature = manifest.get("signature")
+        if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(manifest, key)):
+            raise SplitVerificationError(f"{path} is {'not signed' if signature is None else 'signed with another key'}: "
+                                         "refusing a split its owner did not sign.")
+    return manifest
+
+
+def verified_bytes(directory, manifest, name):
+    """The bytes of ``name`` in the split, read once and checked against its sha256 in the manifest."""
+    path = Path(directory) / name
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise SplitVerificationError(f"{name} is not listed in {MANIFEST}: save_split did not write it.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (listed in {MANIFEST}).")
+    data = path.read_bytes()
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), expected):
+        raise SplitVerificationError(f"{path} does not match its sha256 in {MANIFEST} (swapped, truncated or "
+                                     "modified); refusing it.")
+    return data
+
+
+_PT2_MEMBER = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/[\w.-]+\.json|data/weights/[\w.-]+|data/constants/[\w.-]+|data/sample_inputs/[\w.-]+\.pt)"
+)
+
+
+def check_code_free_pt2(path, data=None):
+    """Refuse a ``.pt2`` archive (at ``path``, or its bytes ``data``) from which ``torch.export.load``
+    would unpickle anything.
+
+    torch.export.load unpickles (with ``weights_only=False``) weights or
+    constants marked ``use_pickle``, custom and opaque objects, and sample
+    inputs that ``weights_only`` loading refuses. This check allows only the
+    members torch.export.save writes for plain tensors, and reads their
+    configs without unpickling anything.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data) if data is not None else path)
+    except zipfile.BadZipFile:
+        raise SplitVerificationError(f"{path} is not a .pt2 archive.") from None
+    with archive:
+        names = archive.namelist()
+        roots = {n.split("/", 1)[0] for n in names}
+        if len(roots) != 1:
+            raise SplitVerificationError(f"{path} has several top-level folders {sorted(roots)}: not a .pt2 from save_split.")
+        for name in names:
+            member = name.split("/", 1)[1] if "/" in name else ""
+            if not _PT2_MEMBER.fullmatch(member):
+                raise SplitVerificationError(f"{path} holds an unexpected member {name!r}; refusing it.")
+            if member.endswith("_config.json"):
+                config = json.loads(archive.read(name)).get("config", {})
+                prefix = "weight_" if "/weights/" in member else "tensor_"
+                for entry, meta in config.items():
+                    if meta.get("use_pickle", False) or not str(meta.get("path_name", "")).startswith(prefix):
+                        raise SplitVerificationError(
+                            f"{path}: {entry!r} is stored as a pickle or a custom object, which loading would "
+                            "execute; refusing it. save_split writes plain tensors only.")
+            elif member.startswith("data/sample_inputs/"):
+                try:  # the restricted unpickler: no code; torch itself would fall back to a full unpickle
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception:
+                    raise SplitVerificationError(f"{path}: {name!r} needs more than weights-only loading, which "
+                                                 "would run code; refusing it.") from None
+
+
+def load_split(directory, parts=PARTS, key=None):
+    """``(manifest, edge, cloud)`` from a directory written by :func:`save_split`, verified.
+
+    Every loaded file is checked against the sha256 in the manifest, the
+    manifest against its version (and, with ``key``, its HMAC signature), and
+    each ``.pt2`` archive for content whose loading would run code. Only the
+    requested ``parts`` are read: an edge device loads ``parts=("edge",)``.
+
+    Parameters
+    ----------
+    directory : str or Path
+    parts : sequence of {"edge", "cloud"}, default=("edge", "cloud")
+    key : bytes or str, default=None
+        Require a signature made with this key (see :func:`save_split`).
+
+    Returns
+    -------
+    manifest : dict
+    edge, cloud : torch.nn.Module or None
+        The exported programs' modules; None for a part not requested.
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts must be among {PARTS}; got {sorted(unknown)}.")
+    manifest = read_manifest(directory, key)
+    loaded = {}
+    for part in PARTS:
+        if part in parts:
+            name = f"{part}.pt2"
+            data = verified_bytes(directory, manifest, name)  # read once: what is checked is what is loaded
+            check_code_free_pt2(Path(directory) / name, data)
+            loaded[part] = torch.export.load(io.BytesIO(data)).module()
+    return manifest, loaded.get("edge"), loaded.get("cloud")

@@ -5,14 +5,13 @@ little code; uvicorn is its standard server. Both are well kept and pure
 Python wheels (``pip install earlin_sklearn[serve]``).
 """
 
-import json
 import logging
 import secrets
 import time
-from pathlib import Path
 
 import torch
 
+from ._export import load_split
 from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode
 
 logger = logging.getLogger(__name__)
@@ -20,22 +19,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 64 * 2**20
 
 
-def load_split(directory):
-    """``(manifest, edge_program, cloud_program)`` from a directory written by :func:`save_split`."""
-    directory = Path(directory)
-    manifest_path = directory / "split.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path} not found: pass a directory written by earlin_sklearn.save_split.")
-    manifest = json.loads(manifest_path.read_text())
-    for name in ("edge.pt2", "cloud.pt2"):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory / name} not found: save_split(..., formats=('pt2', ...)) writes it.")
-    edge = torch.export.load(directory / "edge.pt2").module()
-    cloud = torch.export.load(directory / "cloud.pt2").module()
-    return manifest, edge, cloud
-
-
-def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256):
+def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256, key=None):
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Parameters
@@ -48,6 +32,8 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         Largest request body.
     max_batch : int, default=256
         Largest number of inputs in one request.
+    key : bytes or str, default=None
+        Serve only a split signed with this key (see :func:`save_split`).
 
     Returns
     -------
@@ -62,14 +48,16 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...}``.
     Malformed requests get a 4xx with a message and the server keeps
     serving: 400 (bad batch header, body that does not fit), 401 (token),
-    409 (payload cut for another model version), 413 (body over
-    ``max_bytes``), 415 (unknown encoding).
+    409 (payload cut for another split version), 413 (body over
+    ``max_bytes``), 415 (unknown encoding), 422 (the cloud part gave
+    non-finite outputs for this payload), 428 (no ``X-Earlin-Version``).
+    The split is verified when the app is created (:func:`load_split`).
     """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
 
-    manifest, edge, cloud = load_split(split_dir)
-    version = manifest["cloud_version"]
+    manifest, edge, cloud = load_split(split_dir, key=key)
+    version = manifest["version"]
     payload_shapes = [tuple(p["shape"]) for p in manifest["payload"]]
     input_shape = tuple(manifest["input_shape"])
     app = FastAPI(title="earlin cloud", version=version)
@@ -80,7 +68,10 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             if not secrets.compare_digest(got.encode(), f"Bearer {token}".encode()):
                 raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
         sent_version = request.headers.get(HEADER_VERSION)
-        if sent_version is not None and sent_version != version:
+        if sent_version is None:
+            raise HTTPException(428, f"{HEADER_VERSION} is required: the version of the split the payload was made "
+                                     f"for (this server runs {version})")
+        if not secrets.compare_digest(sent_version.encode(), version.encode()):
             raise HTTPException(409, f"payload is for model version {sent_version}; this server runs {version}")
         encoding = request.headers.get(HEADER_ENCODING, "float32")
         if encoding not in ENCODINGS:
@@ -111,6 +102,11 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             if raw:  # the whole model: the edge prefix (the detector's outputs are ignored), then the cloud part
                 _, _, *tensors = edge(tensors[0])
             logits = cloud(*tensors)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise HTTPException(500, "the cloud part does not return (N, classes) logits")
+        bad = (~torch.isfinite(logits).all(dim=1)).nonzero().flatten().tolist()
+        if bad:  # an overflowing payload: never answer a class computed from inf/NaN
+            raise HTTPException(422, f"the cloud part gave non-finite outputs for inputs {bad[:10]} of this request")
         return logits.argmax(dim=1).tolist(), 1e3 * (time.perf_counter() - t0)
 
     async def handle(request, shapes, compute):
@@ -138,8 +134,9 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     return app
 
 
-def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info"):
+def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None):
     """Run the cloud server until interrupted (``earlin serve-cloud``)."""
     import uvicorn
 
-    uvicorn.run(create_cloud_app(split_dir, token=token, max_bytes=max_bytes), host=host, port=port, log_level=log_level)
+    app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

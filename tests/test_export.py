@@ -34,7 +34,7 @@ def test_files_and_manifest(exported):
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["input_shape"] == [3, 32, 32]
     assert [p["shape"] for p in manifest["payload"]] == [[16, 32, 32], [16, 32, 32]]
-    assert len(manifest["cloud_version"]) == 16
+    assert len(manifest["version"]) == 64 and set(manifest["files"]) == {"edge.pt2", "cloud.pt2", "edge.onnx", "cloud.onnx"}
 
 
 def test_onnx_parity(exported):

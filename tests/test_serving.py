@@ -86,7 +86,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment)
     manifest = json.loads((deployment["dir"] / "split.json").read_text())
     shapes = [p["shape"] for p in manifest["payload"]]
     good = encode([torch.zeros(1, *s) for s in shapes], "float32")
-    auth = {"Authorization": f"Bearer {TOKEN}", "X-Earlin-Version": manifest["cloud_version"]}
+    auth = {"Authorization": f"Bearer {TOKEN}", "X-Earlin-Version": manifest["version"]}
     with httpx.Client(base_url=deployment["url"]) as c:
         cases = [
             ({"Authorization": "Bearer nope"}, good, 401),
@@ -101,6 +101,10 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment)
             (auth, good + b"\0" * 8, 400),
             (auth, b"\0" * 100_001, 413),  # over the server's limit
             (auth, encode([torch.full((1, *s), float("nan")) for s in shapes], "float32"), 400),
+            ({"Authorization": f"Bearer {TOKEN}"}, good, 428),  # the version is required, not optional
+            # finite payloads that overflow inside the cloud part: never a class computed from inf/NaN
+            (auth, encode([torch.full((1, *s), 3e38) * (-1) ** torch.arange(int(np.prod(s))).reshape(1, *s)
+                           for s in shapes], "float32"), 422),
         ]
         for headers, body, status in cases:
             r = c.post("/v1/activations", content=body, headers=headers)
@@ -112,7 +116,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment)
         ok = c.post("/v1/activations", content=good, headers=auth)
         assert ok.status_code == 200 and len(ok.json()["predictions"]) == 1
         health = c.get("/health").json()
-        assert health["status"] == "ok" and health["version"] == manifest["cloud_version"]
+        assert health["status"] == "ok" and health["version"] == manifest["version"]
 
 
 def test_server_errors_are_reported_by_the_runner(deployment):

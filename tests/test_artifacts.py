@@ -1,0 +1,203 @@
+"""Split artifacts that cannot run code when loaded, verified end to end (earlin_sklearn._export)."""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split
+from earlin_sklearn._export import _canonical
+
+from .conftest import make_images, make_tiny_cnn
+
+KEY = b"0123456789abcdef-owner-key"
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    X, y = make_images(90)
+    det = ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y)
+    directory = tmp_path_factory.mktemp("split")
+    edge, cloud = det.export_split()
+    save_split(edge, cloud, directory, torch.from_numpy(X[:4]), formats=("pt2",), key=KEY,
+               preprocessing={"mean": [0.5] * 3, "std": [0.25] * 3})
+    other = tmp_path_factory.mktemp("other")  # another model's split, same architecture and cut
+    det2 = ShallowFeatureOODDetector(make_tiny_cnn(seed=1), "layer1", device="cpu").fit(X, y)
+    save_split(*det2.export_split(), other, torch.from_numpy(X[:4]), formats=("pt2",))
+    return {"dir": directory, "other": other, "det": det, "X": torch.from_numpy(X[:8])}
+
+
+def copy_split(split, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(split["dir"], target)
+    return target
+
+
+def rewrite_manifest(directory, change=None, files=None):
+    """What an attacker with write access does: edit the manifest and make its hashes and version agree."""
+    path = directory / "split.json"
+    manifest = json.loads(path.read_text())
+    if change:
+        change(manifest)
+    for name in files or ():
+        manifest["files"][name] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    manifest.pop("signature", None)
+    manifest["version"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
+def rewrite_member(archive_path, suffix, data):
+    """Replace the archive member ending with ``suffix`` by ``data`` (a crafted .pt2)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(archive_path) as src, zipfile.ZipFile(buffer, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, data(src.read(info.filename)) if info.filename.endswith(suffix) else src.read(info.filename))
+    archive_path.write_bytes(buffer.getvalue())
+
+
+class _Marker:
+    """A pickle that, when loaded, creates a directory: proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_round_trip_and_edge_only(split):
+    manifest, edge, cloud = load_split(split["dir"], key=KEY)
+    x = split["X"]
+    is_id, score, *payload = edge(x)
+    np.testing.assert_allclose(score.numpy(), split["det"].score_samples(x.numpy()), rtol=1e-6, atol=1e-6)
+    assert cloud(*payload).shape == (8, 3)
+    assert manifest["preprocessing"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert manifest["cut"]["layer"] == "layer1"
+    _, edge_only, no_cloud = load_split(split["dir"], parts=("edge",))
+    assert edge_only is not None and no_cloud is None
+
+
+def test_pickled_weights_are_refused_without_running_code(split, tmp_path):
+    directory = copy_split(split, tmp_path)
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(_Marker(marker))
+    rewrite_member(directory / "cloud.pt2", "data/weights/weight_0", lambda _: evil)
+
+    def mark_pickled(raw):
+        config = json.loads(raw)
+        first = next(iter(config["config"]))
+        config["config"][first]["use_pickle"] = True
+        return json.dumps(config).encode()
+
+    rewrite_member(directory / "cloud.pt2", "_weights_config.json", mark_pickled)
+    rewrite_manifest(directory, files=["cloud.pt2"])
+    with pytest.raises(ValueError, match="stored as a pickle"):
+        load_split(directory)
+    assert not marker.exists()
+    # the crafted file is live: torch.export.load itself would have run it
+    with pytest.raises(Exception):
+        torch.export.load(directory / "cloud.pt2")
+    assert marker.exists()
+
+
+def test_sample_inputs_that_need_a_full_unpickle_are_refused(split, tmp_path):
+    directory = copy_split(split, tmp_path)
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save(_Marker(marker), buffer)
+    rewrite_member(directory / "edge.pt2", "data/sample_inputs/model.pt", lambda _: buffer.getvalue())
+    rewrite_manifest(directory, files=["edge.pt2"])
+    with pytest.raises(ValueError, match="weights-only"):
+        load_split(directory, parts=("edge",))
+    assert not marker.exists()
+
+
+def test_unexpected_archive_members_are_refused(split, tmp_path):
+    directory = copy_split(split, tmp_path)
+    with zipfile.ZipFile(directory / "edge.pt2", "a") as z:
+        z.writestr("edge/extra/evil.pkl", pickle.dumps(_Marker(tmp_path / "ran")))
+    rewrite_manifest(directory, files=["edge.pt2"])
+    with pytest.raises(ValueError, match="unexpected member"):
+        load_split(directory)
+
+
+@pytest.mark.parametrize("tamper", ["swap", "flip", "truncate", "threshold", "missing"])
+def test_tampered_files_are_refused(split, tmp_path, tamper):
+    directory = copy_split(split, tmp_path)
+    if tamper == "swap":  # another model's cloud part dropped into the folder
+        shutil.copy(split["other"] / "cloud.pt2", directory / "cloud.pt2")
+    elif tamper == "flip":
+        data = bytearray((directory / "edge.pt2").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (directory / "edge.pt2").write_bytes(bytes(data))
+    elif tamper == "truncate":
+        data = (directory / "cloud.pt2").read_bytes()
+        (directory / "cloud.pt2").write_bytes(data[: len(data) // 2])
+    elif tamper == "threshold":
+        manifest = json.loads((directory / "split.json").read_text())
+        manifest["offset"] += 1.0
+        (directory / "split.json").write_text(json.dumps(manifest))
+    else:
+        (directory / "cloud.pt2").unlink()
+    error = FileNotFoundError if tamper == "missing" else ValueError
+    with pytest.raises(error, match="sha256|modified|not found"):
+        load_split(directory)
+
+
+def test_signatures(split, tmp_path):
+    load_split(split["dir"], key=KEY)
+    with pytest.raises(ValueError, match="signed with another key"):
+        load_split(split["dir"], key=b"another key of sixteen+ bytes")
+    with pytest.raises(ValueError, match="not signed"):
+        load_split(split["other"], key=KEY)
+    # an attacker who rewrites files and manifest cannot re-sign without the key
+    directory = copy_split(split, tmp_path)
+    shutil.copy(split["other"] / "cloud.pt2", directory / "cloud.pt2")
+    rewrite_manifest(directory, files=["cloud.pt2"])
+    load_split(directory)  # consistent, so accepted without a key...
+    with pytest.raises(ValueError, match="not signed"):
+        load_split(directory, key=KEY)  # ...and refused by a device that holds the owner's key
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        load_split(split["dir"], key="short")
+
+
+def test_version_covers_the_cut(tmp_path):
+    X, y = make_images(90)
+    model = make_tiny_cnn()
+    versions = []
+    for layer in ("layer1", "layer1.0"):
+        det = ShallowFeatureOODDetector(model, layer, extra_layers=(), device="cpu").fit(X, y)
+        save_split(*det.export_split(), tmp_path / layer, torch.from_numpy(X[:4]), formats=("pt2",))
+        versions.append(load_split(tmp_path / layer, parts=())[0]["version"])
+    assert versions[0] != versions[1]
+
+
+def test_old_and_garbage_manifests_are_refused(split, tmp_path):
+    directory = copy_split(split, tmp_path)
+    manifest = json.loads((directory / "split.json").read_text())
+    manifest["format"] = "earlin-split/1"
+    (directory / "split.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="Export the split again"):
+        load_split(directory)
+    (directory / "split.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_split(directory)
+
+
+def test_the_server_refuses_a_tampered_split(split, tmp_path):
+    pytest.importorskip("fastapi")
+    from earlin_sklearn._server import create_cloud_app
+
+    directory = copy_split(split, tmp_path)
+    shutil.copy(split["other"] / "cloud.pt2", directory / "cloud.pt2")
+    with pytest.raises(ValueError, match="sha256"):
+        create_cloud_app(directory)
+    with pytest.raises(ValueError, match="signed with another key"):
+        create_cloud_app(split["dir"], key=b"another key of sixteen+ bytes")
