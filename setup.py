@@ -32,6 +32,8 @@ setup(
         "joblib>=1.2",
         # progress bars on long loops (verbose > 0)
         "tqdm>=4.60",
+        # save_detector/load_detector: tensors in a format that holds no code (no pickle)
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",

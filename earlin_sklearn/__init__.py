@@ -16,6 +16,7 @@ from ._edge_runner import EdgeRecord, EdgeRunner
 from ._export import SplitVerificationError, load_split, save_split
 from ._features import BackboneFeatures
 from ._layer_choice import LayerRecommendation, recommend_layer
+from ._persist import load_detector, save_detector
 from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
 from ._selection import ChannelSelector
 from ._server import create_cloud_app
@@ -47,6 +48,8 @@ __all__ = [
     "recommend_layer",
     "save_split",
     "load_split",
+    "save_detector",
+    "load_detector",
     "SplitVerificationError",
     "split_cost",
     "split_model",

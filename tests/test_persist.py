@@ -1,0 +1,90 @@
+"""save_detector / load_detector: JSON + safetensors, nothing executed on loading, weights verified."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, load_detector, save_detector
+from earlin_sklearn.baselines import KNNDetector, LogitDetector
+from earlin_sklearn.models import cifar_resnet
+
+pytest.importorskip("safetensors")
+
+
+def _data(n=60):
+    X = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
+    return X, np.arange(n) % 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: ShallowFeatureOODDetector(net, "layer1", device="cpu"),
+    lambda net: ShallowFeatureOODDetector(net, "layer1", gaussianize=None, n_channels=0.5, device="cpu"),
+    lambda net: BackboneFeatures(net, "layer1.1", device="cpu"),
+    lambda net: LogitDetector(net, "energy", device="cpu"),
+], ids=["default", "plain", "features", "logits"])
+def test_round_trip_is_exact(make, tmp_path):
+    X, y = _data()
+    est = make(cifar_resnet(20)).fit(X, y)
+    save_detector(est, tmp_path / "det")
+    loaded = load_detector(tmp_path / "det", cifar_resnet(20))  # an untrained architecture: weights come from the file
+    out = (lambda e: e.transform(X)) if isinstance(est, BackboneFeatures) else (lambda e: e.score_samples(X))
+    np.testing.assert_array_equal(out(loaded), out(est))
+    if isinstance(est, ShallowFeatureOODDetector):
+        np.testing.assert_array_equal(loaded.predict(X), est.predict(X))
+        edge, _ = loaded.export_split()
+        np.testing.assert_allclose(edge(torch.as_tensor(X[:4])).score.numpy(), est.score_samples(X[:4]), rtol=1e-6)
+
+
+def test_string_labels_round_trip(tmp_path):
+    X, y = _data()
+    labels = np.array(["cat", "dog", "eel"])[y]
+    det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, labels)
+    save_detector(det, tmp_path / "d")
+    loaded = load_detector(tmp_path / "d", cifar_resnet(20))
+    assert loaded.pipeline_["distance"].classes_.tolist() == ["cat", "dog", "eel"]
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+
+
+def test_without_weights_the_backbone_must_hold_the_fitted_ones(tmp_path):
+    X, y = _data()
+    torch.manual_seed(0)
+    net = cifar_resnet(20)
+    det = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(X, y)
+    save_detector(det, tmp_path / "d", include_weights=False)
+    assert (tmp_path / "d" / "tensors.safetensors").stat().st_size < 200_000  # the backbone is not in it
+    loaded = load_detector(tmp_path / "d", net)
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="not the ones the detector was fitted with"):
+        load_detector(tmp_path / "d", cifar_resnet(20))
+
+
+def test_tampered_or_foreign_files_are_refused(tmp_path):
+    X, y = _data()
+    det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, y)
+    save_detector(det, tmp_path / "d")
+    tensors = tmp_path / "d" / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 1
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_detector(tmp_path / "d", cifar_resnet(20))
+    save_detector(det, tmp_path / "d")
+    with pytest.raises(ValueError, match="do not fit this backbone"):
+        load_detector(tmp_path / "d", cifar_resnet(56))
+    # a class name that is not on the allow-list is refused, never imported
+    doc_path = tmp_path / "d" / "estimator.json"
+    doc = json.loads(doc_path.read_text())
+    doc["estimator"]["__estimator__"] = "os.system"
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="not an estimator this loader rebuilds"):
+        load_detector(tmp_path / "d", cifar_resnet(20))
+
+
+def test_estimators_without_a_backbone_are_pointed_to_joblib(tmp_path):
+    X, _ = _data()
+    knn = KNNDetector().fit(X.reshape(len(X), -1)[:, :20])
+    with pytest.raises(TypeError, match="joblib"):
+        save_detector(knn, tmp_path / "k")
