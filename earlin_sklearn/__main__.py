@@ -44,7 +44,10 @@ def main(argv=None):
     edge.add_argument("--upload", choices=["activations", "raw", "auto"], default="auto")
     edge.add_argument("--encoding", choices=["float32", "float16", "int8"], default="float32")
     edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
-    edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input")
+    edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input, written as it goes")
+    edge.add_argument("--resume", action="store_true", help="continue from --log: skip inputs already processed")
+    edge.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    edge.add_argument("--retries", type=int, default=5, help="retries per upload (timeouts, disconnects, 5xx)")
     _secret_options(edge)
     args = parser.parse_args(argv)
     for name in ("token", "key"):
@@ -65,16 +68,24 @@ def main(argv=None):
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")
-        from ._edge_runner import EdgeRunner, read_inputs, summarize
+        from ._edge_runner import CloudRefused, EdgeRunner, read_inputs, summarize
 
-        X, y = read_inputs(args.input, args.mean, args.std)
-        with EdgeRunner(args.split_dir, args.url, upload=args.upload, encoding=args.encoding, token=args.token,
-                        key=args.key) as runner:
-            records = runner.run(X, labels=y, log=args.log)
+        try:
+            X, y = read_inputs(args.input, args.mean, args.std)
+            with EdgeRunner(args.split_dir, args.url, upload=args.upload, encoding=args.encoding, token=args.token,
+                            key=args.key, timeout=args.timeout, retries=args.retries) as runner:
+                records = runner.run(X, labels=y, log=args.log, resume=args.resume)
+        except (CloudRefused, ValueError, FileNotFoundError) as exc:
+            print(f"earlin run-edge: {exc}", file=sys.stderr)
+            return 2
         summary = summarize(records)
         print(f"{summary['inputs']} inputs, {summary['uploaded']} uploaded ({runner.upload}, {args.encoding}), "
-              f"{summary['bytes_sent']} bytes sent, latency p50 {summary['latency_p50_ms']:.2f} ms, "
-              f"p95 {summary['latency_p95_ms']:.2f} ms; log: {args.log}")
+              f"{summary['failed']} failed, {summary['bytes_sent']} bytes sent, latency p50 "
+              f"{summary['latency_p50_ms']:.2f} ms, p95 {summary['latency_p95_ms']:.2f} ms; log: {args.log}")
+        if summary["failed"]:
+            print(f"earlin run-edge: {summary['failed']} uploads failed after every retry; rerun with --resume "
+                  "to retry only those.", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -1,8 +1,12 @@
 """The edge runner: decide ID/OOD on the device, upload only ID inputs to the cloud server."""
 
+import itertools
 import json
+import logging
+import os
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,11 @@ from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION,
 from ._export import load_split
 
 UPLOADS = ("activations", "raw", "auto")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+FATAL_STATUS = {401, 403, 409, 428}  # configuration errors: every later upload would fail the same way
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,6 +35,13 @@ class EdgeRecord:
     latency_ms: float
     prediction: int  # the cloud's prediction, -1 when nothing was sent
     label: int = -1
+    status: str = "ok"  # "ok", or "failed" (the upload failed after every retry; `error` says why)
+    error: str = ""
+    attempts: int = 0  # HTTP requests made for this input
+
+
+class CloudRefused(RuntimeError):
+    """The server refused the runner itself (token, split version): no later upload can succeed."""
 
 
 def choose_upload(manifest, encoding="float32", uplink_mbit_s=10.0, cloud_gflop_s=1000.0):
@@ -64,18 +80,28 @@ class EdgeRunner:
         For ``upload="auto"``.
     timeout : float, default=30
         Seconds per request.
+    retries : int, default=5
+        Further attempts after a timeout, a dropped connection or a 408/429/5xx
+        answer, with exponential backoff (``backoff * 2**attempt`` seconds, at
+        most 30). An input whose upload still fails is recorded with
+        ``status="failed"`` and the run goes on; a rerun with ``resume=True``
+        retries only those.
+    backoff : float, default=0.5
     key : bytes or str, default=None
         Run only a split signed with this key (see :func:`save_split`).
     """
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
-                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None):
+                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5):
         import httpx
 
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}.")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}.")
+        if int(retries) < 0 or backoff < 0 or timeout <= 0:
+            raise ValueError("retries and backoff must be >= 0 and timeout > 0.")
+        self.retries, self.backoff = int(retries), float(backoff)
         self.manifest, self.edge, _ = load_split(split_dir, parts=("edge",), key=key)
         self.upload = choose_upload(self.manifest, encoding, uplink_mbit_s, cloud_gflop_s) if upload == "auto" else upload
         self.encoding = encoding
@@ -95,42 +121,122 @@ class EdgeRunner:
         self.close()
 
     def process(self, x, index=0, label=-1):
-        """Decide on one input ``(C, H, W)`` and upload it if it is ID."""
+        """Decide on one input ``(C, H, W)`` and upload it if it is ID (with retries)."""
         t0 = time.perf_counter()
-        x = torch.as_tensor(x, dtype=torch.float32)[None]
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
+        expected = tuple(self.manifest["input_shape"])
+        if tuple(x.shape) != expected:
+            raise ValueError(f"input {index} has shape {tuple(x.shape)}; the split expects {expected} (C, H, W).")
+        x = x[None]
         with torch.inference_mode():
             is_id, score, *payload = self.edge(x)
         accepted = bool(is_id[0])
-        uploaded, sent, prediction = "", 0, -1
+        record = EdgeRecord(index, accepted, float(score[0]), "", 0, 0.0, -1, int(label))
         if accepted:
-            uploaded = self.upload
-            body = encode(payload if uploaded == "activations" else [x], self.encoding)
-            response = self.client.post(f"/v1/{uploaded}", content=body)
-            if response.status_code != 200:
-                raise RuntimeError(f"cloud server answered {response.status_code}: {response.text}")
-            prediction, sent = int(response.json()["predictions"][0]), len(body)
-        return EdgeRecord(index, accepted, float(score[0]), uploaded, sent, 1e3 * (time.perf_counter() - t0), prediction, int(label))
+            record.uploaded = self.upload
+            body = encode(payload if record.uploaded == "activations" else [x], self.encoding)
+            self._upload(record, body)
+        record.latency_ms = 1e3 * (time.perf_counter() - t0)
+        return record
 
-    def run(self, inputs, labels=None, log=None):
-        """Process a stream of inputs; optionally write one JSON line per input to ``log``.
+    def _upload(self, record, body):
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            record.attempts = attempt + 1
+            try:
+                response = self.client.post(f"/v1/{record.uploaded}", content=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                record.error = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    record.prediction, record.bytes_sent, record.error = int(response.json()["predictions"][0]), len(body), ""
+                    return
+                detail = response.text[:200]
+                if response.status_code in FATAL_STATUS:
+                    raise CloudRefused(f"cloud server answered {response.status_code}: {detail}")
+                record.error = f"HTTP {response.status_code}: {detail}"
+                if response.status_code not in RETRY_STATUS:
+                    break  # this input is refused; retrying it would not help
+            if attempt < self.retries:
+                delay = min(30.0, self.backoff * 2**attempt)
+                logger.warning("input %d: %s; retrying in %.1f s", record.index, record.error, delay)
+                time.sleep(delay)
+        record.status = "failed"
+        record.bytes_sent = 0
+
+    def run(self, inputs, labels=None, log=None, resume=False):
+        """Process a stream of inputs, writing one JSON line per input to ``log`` as it goes.
 
         Parameters
         ----------
         inputs : iterable of tensors/arrays (C, H, W), or a tensor/array (N, C, H, W)
+            A generator is fine: inputs are read one at a time, so memory
+            stays bounded whatever the stream's length.
         labels : iterable of int, default=None
+            Must have as many items as ``inputs``.
         log : str or Path, default=None
+            JSON Lines file, flushed after every input, so a crash loses at
+            most the input in flight.
+        resume : bool, default=False
+            Continue a run from ``log``: inputs recorded there with
+            ``status="ok"`` are not processed again; the log is rewritten
+            with those records, then every other input's.
 
         Returns
         -------
         records : list of EdgeRecord
+            One per input, in input order. Check ``status``: uploads that
+            failed after every retry are ``"failed"``.
         """
-        labels = [-1] * len(inputs) if labels is None else list(labels)
-        records = [self.process(x, i, lab) for i, (x, lab) in enumerate(zip(inputs, labels))]
+        done = {}
+        if resume:
+            if log is None:
+                raise ValueError("resume=True needs the log of the earlier run.")
+            done = {r.index: r for r in read_log(log) if r.status == "ok"} if Path(log).exists() else {}
+        missing = object()
+        pairs = itertools.zip_longest(inputs, itertools.repeat(-1) if labels is None else labels, fillvalue=missing)
+        records = []
+        out = None
         if log is not None:
-            with open(log, "w") as f:
-                for r in records:
+            tmp = Path(f"{log}.tmp")
+            with open(tmp, "w") as f:  # the kept records first, then the new ones are appended
+                for r in sorted(done.values(), key=lambda r: r.index):
                     f.write(json.dumps(asdict(r)) + "\n")
+            os.replace(tmp, log)
+            out = open(log, "a")
+        try:
+            for i, (x, label) in enumerate(pairs):
+                if x is missing or label is missing:
+                    raise ValueError(f"inputs and labels differ in length: one of them ended at item {i}.")
+                if i in done:
+                    records.append(done[i])
+                    continue
+                record = self.process(x, i, -1 if labels is None else int(label))
+                records.append(record)
+                if out is not None:
+                    out.write(json.dumps(asdict(record)) + "\n")
+                    out.flush()
+        finally:
+            if out is not None:
+                out.close()
         return records
+
+
+def read_log(path):
+    """The :class:`EdgeRecord` list of a run's JSON Lines log (a last, partly written line is ignored)."""
+    names = {f.name for f in fields(EdgeRecord)}
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that input is processed again
+            records.append(EdgeRecord(**{k: v for k, v in data.items() if k in names}))
+    return records
 
 
 def read_inputs(source, mean=None, std=None):
@@ -150,7 +256,11 @@ def read_inputs(source, mean=None, std=None):
     if source.is_dir():
         from PIL import Image
 
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+        entries = sorted(p for p in source.iterdir() if p.is_file())
+        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        for skipped in sorted(set(entries) - set(files)):
+            warnings.warn(f"{skipped} is skipped: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}).",
+                          UserWarning, stacklevel=2)
         if not files:
             raise ValueError(f"no image files in {source}")
         x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
@@ -162,16 +272,23 @@ def read_inputs(source, mean=None, std=None):
         X = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 if x.shape[-1] in (1, 3) else torch.from_numpy(x).float() / 255.0
     else:
         X = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    if y is not None and len(y) != len(X):
+        raise ValueError(f"{source}: y has {len(y)} labels for {len(X)} images.")
     if mean is not None:
+        if std is None or len(mean) != X.shape[1] or len(std) != X.shape[1]:
+            raise ValueError(f"mean and std need one value per channel ({X.shape[1]}); got {mean} and {std}.")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive; got {std}.")
         X = (X - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     return X.contiguous(), y
 
 
 def summarize(records):
     """Totals of a run: inputs, uploads, bytes sent and latency percentiles."""
-    lat = np.array([r.latency_ms for r in records])
+    lat = np.array([r.latency_ms for r in records]) if records else np.zeros(1)
     return {
         "inputs": len(records),
+        "failed": int(sum(r.status != "ok" for r in records)),
         "uploaded": int(sum(bool(r.uploaded) for r in records)),
         "bytes_sent": int(sum(r.bytes_sent for r in records)),
         "latency_p50_ms": float(np.percentile(lat, 50)),

@@ -122,7 +122,7 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment)
 def test_server_errors_are_reported_by_the_runner(deployment):
     X, _ = stream()
     with EdgeRunner(deployment["dir"], deployment["url"], upload="activations", token="wrong") as runner:
-        with pytest.raises(RuntimeError, match="401"):
+        with pytest.raises(RuntimeError, match="401"):  # CloudRefused: no later upload could succeed
             runner.run(X[:20])
 
 
