@@ -31,13 +31,21 @@ def default_candidates(backbone):
     return [n for n in available_split_points(backbone) if n.count(".") <= 1]
 
 
-def pick(table, max_edge_flops=1.0, tolerance=0.005):
-    """The cheapest row of ``table`` within the budget whose score is within ``tolerance`` of the best."""
+def pick(table, max_edge_flops=1.0, tolerance="se"):
+    """The cheapest row of ``table`` within the budget whose score ties with the best.
+
+    ``tolerance="se"``: the one-standard-error rule (Hastie, Tibshirani &
+    Friedman, *Elements of Statistical Learning*, 7.10): a row ties when its
+    mean score is within one standard error (over the CV folds) of the best
+    row's. A float: within that many AUROC units of the best.
+    """
     within = [r for r in table if r["edge_flops"] <= max_edge_flops]
     if not within:
         raise ValueError(f"No candidate layer runs within {100 * max_edge_flops:.0f}% of the model's FLOPs.")
-    best = max(r["pseudo_auroc"] for r in within)
-    return min((r for r in within if r["pseudo_auroc"] >= best - tolerance), key=lambda r: (r["edge_flops"], -r["pseudo_auroc"]))
+    top = max(within, key=lambda r: (r["pseudo_auroc"], -r["edge_flops"]))
+    margin = top.get("pseudo_auroc_se", 0.0) if tolerance == "se" else float(tolerance)
+    return min((r for r in within if r["pseudo_auroc"] >= top["pseudo_auroc"] - margin),
+               key=lambda r: (r["edge_flops"], -r["pseudo_auroc"]))
 
 
 @dataclass
@@ -48,7 +56,7 @@ class LayerRecommendation:
     params: dict
     table: list = field(default_factory=list)
     budget: float = 1.0
-    tolerance: float = 0.005
+    tolerance: object = "se"
 
     def within(self, max_edge_flops):
         """The recommendation under a smaller edge budget, from the same table (no refitting)."""
@@ -62,19 +70,20 @@ class LayerRecommendation:
             mark = "  <- recommended" if (row["layer"], row["n_channels"]) == (self.layer, self.params["n_channels"]) else ""
             lines.append(f"{row['layer']:<24}{100 * row['edge_flops']:>10.1f}%{str(row['n_channels']):>12}"
                          f"{100 * row['pseudo_auroc']:>17.2f}%{mark}")
-        lines.append(f"(edge budget {100 * self.budget:.0f}% of the model's FLOPs; scored on held-out ID folds "
+        lines.append(f"(edge budget {100 * self.budget:.0f}% of the model's FLOPs; ties: "
+                     f"{'one standard error' if self.tolerance == 'se' else self.tolerance}; scored on held-out ID folds "
                      "against pseudo-OOD made from them: no OOD data used)")
         return "\n".join(lines)
 
 
 def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_channels=("auto",),
-                    tolerance=0.005, cv=3, n_jobs=None, **detector_params):
+                    tolerance="se", cv=3, n_jobs=None, **detector_params):
     """Recommend a detection layer (the cut) from ID data only.
 
     Each candidate layer within the edge budget (and each ``n_channels``) is
     fitted on ID folds and scored by :func:`make_pseudo_ood_scorer` on the
     held-out fold. The recommendation is the cheapest candidate whose score
-    is within ``tolerance`` of the best one.
+    ties with the best one (``tolerance``).
 
     Parameters
     ----------
@@ -89,8 +98,13 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         Largest share of the model's FLOPs that the edge may run.
     n_channels : sequence, default=("auto",)
         Values of ``n_channels`` to try at each layer.
-    tolerance : float, default=0.005
-        Scores within this of the best count as ties; the cheaper layer wins.
+    tolerance : "se" or float, default="se"
+        When a cheaper candidate ties with the best: ``"se"``, its mean score
+        is within one standard error (over the ``cv`` folds) of the best
+        candidate's (the one-standard-error rule); a float, within that many
+        AUROC units. Pseudo-OOD AUROCs crowd near 1 at good layers, where a
+        fixed tolerance such as 0.005 lumps a 0.5% error rate with a 0.02%
+        one; the standard error scales with the scores' own noise.
     cv : int, default=3
     n_jobs : int, default=None
         Passed to ``GridSearchCV``.
@@ -103,6 +117,8 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         ``.layer``, ``.params`` (the winning ``layer`` and ``n_channels``) and
         ``.table`` (every candidate with its edge FLOPs share and score).
     """
+    if not (tolerance == "se" or (isinstance(tolerance, (int, float)) and tolerance >= 0)):
+        raise ValueError(f"tolerance must be 'se' or a number >= 0; got {tolerance!r}.")
     if not isinstance(X, torch.Tensor):
         X = np.asarray(X)
     frozen = copy.deepcopy(backbone).eval()  # counting FLOPs runs it: never the user's model
@@ -132,8 +148,10 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         refit=False,
     ).fit(X, y)
     table = [
-        {"layer": p["layer"], "n_channels": p["n_channels"], "edge_flops": costs[p["layer"]], "pseudo_auroc": float(s)}
-        for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])
+        {"layer": p["layer"], "n_channels": p["n_channels"], "edge_flops": costs[p["layer"]], "pseudo_auroc": float(s),
+         "pseudo_auroc_se": float(sd) / np.sqrt(search.n_splits_)}
+        for p, s, sd in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"],
+                            search.cv_results_["std_test_score"])
     ]
     row = pick(table, max_edge_flops, tolerance)
     return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]}, table,

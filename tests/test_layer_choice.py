@@ -33,3 +33,19 @@ def test_nothing_within_budget_is_a_clear_error():
     X, _ = make_images(30)
     with pytest.raises(ValueError, match="No candidate layer runs within 1%"):
         recommend_layer(make_tiny_cnn(), X, layers=["layer1"], max_edge_flops=0.01)
+
+
+def test_pick_one_standard_error_rule():
+    from earlin_sklearn._layer_choice import pick
+
+    table = [
+        {"layer": "a", "n_channels": "auto", "edge_flops": 0.1, "pseudo_auroc": 0.9950, "pseudo_auroc_se": 0.0010},
+        {"layer": "b", "n_channels": "auto", "edge_flops": 0.2, "pseudo_auroc": 0.9990, "pseudo_auroc_se": 0.0002},
+        {"layer": "c", "n_channels": "auto", "edge_flops": 0.3, "pseudo_auroc": 0.9993, "pseudo_auroc_se": 0.0004},
+    ]
+    assert pick(table, 1.0, "se")["layer"] == "b"  # within one SE of c's score (0.9989): the cheaper b
+    assert pick(table, 1.0, 0.005)["layer"] == "a"  # a fixed 0.5-point tolerance lumps in a 5x larger error
+    assert pick(table, 1.0, 0.0)["layer"] == "c"
+    assert pick(table, 0.25, "se")["layer"] == "b"
+    with pytest.raises(ValueError, match="No candidate"):
+        pick(table, 0.05)
