@@ -31,7 +31,10 @@ def main(argv=None):
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"),
                        help="require 'Authorization: Bearer TOKEN' (default: $EARLIN_TOKEN, or none)")
-    serve.add_argument("--max-bytes", type=int, default=64 * 2**20, help="largest request body")
+    serve.add_argument("--max-bytes", type=int, default=64 * 2**20,
+                       help="largest request body (also capped at the largest valid body)")
+    serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     for sub_parser in (serve,):
         _secret_options(sub_parser)
 
@@ -64,7 +67,10 @@ def main(argv=None):
     elif args.command == "serve-cloud":
         from ._server import serve
 
-        serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key)
+        if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+            parser.error("--ssl-certfile and --ssl-keyfile go together")
+        serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key,
+              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")

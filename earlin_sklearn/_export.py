@@ -120,6 +120,11 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     with torch.no_grad():
         outs = flat(x)
     payload = outs[2:]
+    with torch.no_grad():
+        cloud_out = cloud.suffix(*payload)
+    if not isinstance(cloud_out, torch.Tensor):
+        raise ValueError(f"The cloud part returns {type(cloud_out).__name__}, not a tensor: the cloud server answers "
+                         "from a logits tensor. Wrap the backbone so that forward() returns the logits.")
     batch = torch.export.Dim("batch", min=1)
     edge_shapes = ({0: batch},)
     cloud_shapes = tuple({0: batch} for _ in payload)

@@ -12,14 +12,15 @@ import time
 import torch
 
 from ._export import load_split
-from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode
+from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encoded_size
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 
 
-def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256, key=None):
+def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256, key=None, docs=None,
+                     body_timeout=30.0):
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Parameters
@@ -34,6 +35,11 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         Largest number of inputs in one request.
     key : bytes or str, default=None
         Serve only a split signed with this key (see :func:`save_split`).
+    docs : bool, default=None
+        Serve the OpenAPI pages (``/docs``, ``/openapi.json``). None: only
+        when no ``token`` is set (the pages would otherwise bypass it).
+    body_timeout : float, default=30
+        Seconds a client may take to send its body (slow clients get 408).
 
     Returns
     -------
@@ -56,11 +62,21 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
 
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
     manifest, edge, cloud = load_split(split_dir, key=key)
     version = manifest["version"]
     payload_shapes = [tuple(p["shape"]) for p in manifest["payload"]]
     input_shape = tuple(manifest["input_shape"])
-    app = FastAPI(title="earlin cloud", version=version)
+    warm_up(edge, cloud, input_shape)
+    # the largest body a valid request can have: never buffer more than that
+    max_bytes = min(int(max_bytes), max(encoded_size(payload_shapes, max_batch, "float32"),
+                                        encoded_size([input_shape], max_batch, "float32")))
+    show_docs = token is None if docs is None else bool(docs)
+    app = FastAPI(title="earlin cloud", version=version, docs_url="/docs" if show_docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if show_docs else None)
 
     def check(request, body_len=None):
         if token is not None:
@@ -84,17 +100,30 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             raise HTTPException(400, f"{HEADER_BATCH} must be in [1, {max_batch}]; got {batch}")
         return encoding, batch
 
-    async def read_body(request):
+    async def read_body(request, expected):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise HTTPException(413, f"body of {length} bytes is over the limit of {max_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise HTTPException(413, f"body is over the limit of {max_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        limit = min(max_bytes, expected)
+        body, size = bytearray(), 0
+
+        async def receive():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # stop reading at once: nothing beyond a valid body is buffered
+                    raise HTTPException(413 if size > max_bytes else 400,
+                                        f"body is over the {limit} bytes this request's headers allow")
+                body.extend(chunk)
+
+        try:
+            await asyncio.wait_for(receive(), timeout=body_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the body took longer than {body_timeout} s to arrive") from None
+        except ClientDisconnect:
+            logger.info("client %s disconnected before sending its body", getattr(request.client, "host", "?"))
+            raise HTTPException(400, "client disconnected") from None
+        return bytes(body)
 
     def predict(tensors, raw):
         t0 = time.perf_counter()
@@ -111,7 +140,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
 
     async def handle(request, shapes, compute):
         encoding, batch = check(request)
-        body = await read_body(request)
+        body = await read_body(request, encoded_size(shapes, batch, encoding))
         try:
             tensors = decode(body, shapes, batch, encoding)
         except ValueError as exc:
@@ -134,9 +163,22 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     return app
 
 
-def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None):
-    """Run the cloud server until interrupted (``earlin serve-cloud``)."""
+def warm_up(edge, cloud, input_shape):
+    """Run one zero input through the loaded parts; refuse at start a split whose cloud output cannot be served."""
+    with torch.inference_mode():
+        _, _, *payload = edge(torch.zeros((2, *input_shape)))
+        out = cloud(*payload)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        kind = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
+        raise ValueError(f"The cloud part returns {kind}; the server answers classes from (N, classes) logits. "
+                         "Export a backbone whose forward() returns logits.")
+
+
+def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None,
+          ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5):
+    """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key."""
     import uvicorn
 
     app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                timeout_keep_alive=timeout_keep_alive)

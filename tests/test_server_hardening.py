@@ -1,0 +1,83 @@
+"""The server at start and against slow or odd clients: warm-up, docs behind the token, slow bodies."""
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
+from earlin_sklearn._server import create_cloud_app  # noqa: E402
+
+from .conftest import make_images, make_tiny_cnn  # noqa: E402
+from .test_serving import free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    X, y = make_images(90)
+    det = ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y)
+    directory = tmp_path_factory.mktemp("split")
+    save_split(*det.export_split(), directory, torch.from_numpy(X[:4]), formats=("pt2",))
+    return directory
+
+
+def serve(app):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    return server, thread, port
+
+
+def test_openapi_pages_need_no_token_only_when_there_is_none(split_dir):
+    for kwargs, status in (({"token": "t0ken"}, 404), ({}, 200), ({"token": "t0ken", "docs": True}, 200)):
+        server, thread, port = serve(create_cloud_app(split_dir, **kwargs))
+        try:
+            for page in ("/docs", "/openapi.json"):
+                assert httpx.get(f"http://127.0.0.1:{port}{page}").status_code == status, (kwargs, page)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+
+def test_a_slow_body_gets_408_and_the_server_goes_on(split_dir):
+    import json
+
+    version = json.loads((split_dir / "split.json").read_text())["version"]
+    server, thread, port = serve(create_cloud_app(split_dir, body_timeout=0.5))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall((f"POST /v1/activations HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                          f"X-Earlin-Version: {version}\r\n\r\n").encode() + b"\0" * 10)  # then nothing more
+            reply = sock.recv(4096).decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 408"), reply[:200]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class _DictOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.fc(self.conv(x).mean((2, 3)))}
+
+
+def test_a_backbone_whose_output_cannot_be_served_is_refused_at_export(tmp_path):
+    X, y = make_images(60)
+    det = ShallowFeatureOODDetector(_DictOut(), "conv", device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="returns dict, not a tensor"):
+        save_split(*det.export_split(), tmp_path, torch.from_numpy(X[:4]), formats=("pt2",))
