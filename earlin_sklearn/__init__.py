@@ -7,13 +7,13 @@ by :class:`ShallowFeatureOODDetector`; its :meth:`~ShallowFeatureOODDetector.exp
 cuts the model into the edge part (prefix + detector) and the cloud part (the rest).
 """
 
-from . import metrics
+from . import exceptions, metrics
 from ._cost import CostComparison, SplitCost, collaborative_cost, split_cost
 from ._detector import ShallowFeatureOODDetector
 from ._distance import DistanceDetector
 from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput
 from ._edge_runner import EdgeRecord, EdgeRunner
-from ._export import SplitVerificationError, load_split, save_split
+from ._export import load_split, save_split
 from ._features import BackboneFeatures
 from ._layer_choice import LayerRecommendation, recommend_layer
 from ._persist import load_detector, save_detector
@@ -21,6 +21,7 @@ from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
 from ._selection import ChannelSelector
 from ._server import create_cloud_app
 from ._split import available_split_points, split_model
+from .exceptions import EarlinWarning, SplitVerificationError
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "save_detector",
     "load_detector",
     "SplitVerificationError",
+    "EarlinWarning",
     "split_cost",
     "split_model",
 ]

@@ -13,6 +13,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._threshold import ThresholdMixin, offset_for_tpr
+from .exceptions import EarlinWarning
 
 METRICS = ("mahalanobis", "euclidean", "cosine")
 
@@ -49,7 +50,7 @@ def usable_labels(y, owner, required=False):
     if required:
         raise ValueError(f"{owner}: {message} Pass class labels with at least 2 samples per class, "
                          "or class_conditional=False.")
-    warnings.warn(f"{owner}: {message} Using one global centroid instead.", UserWarning, stacklevel=3)
+    warnings.warn(f"{owner}: {message} Using one global centroid instead.", EarlinWarning, stacklevel=3)
     return None
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encoded_size
 from ._export import load_split
+from .exceptions import EarlinWarning
 
 UPLOADS = ("activations", "raw", "auto")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -260,7 +261,7 @@ def read_inputs(source, mean=None, std=None):
         files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         for skipped in sorted(set(entries) - set(files)):
             warnings.warn(f"{skipped} is skipped: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}).",
-                          UserWarning, stacklevel=2)
+                          EarlinWarning, stacklevel=2)
         if not files:
             raise ValueError(f"no image files in {source}")
         x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._cost import count_flops
+from .exceptions import SplitVerificationError
 
 FORMATS = ("pt2", "onnx")
 PARTS = ("edge", "cloud")
@@ -181,10 +182,6 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     paths["manifest"] = directory / MANIFEST
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
-
-
-class SplitVerificationError(ValueError):
-    """A split directory that does not match its manifest, its signature, or holds code."""
 
 
 def read_manifest(directory, key=None):

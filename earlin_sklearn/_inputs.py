@@ -7,6 +7,8 @@ import torch
 from sklearn.utils.validation import validate_data
 from torch.utils.data import DataLoader, Dataset
 
+from .exceptions import EarlinWarning
+
 
 def is_torch_data(X):
     """Whether ``X`` is a torch ``Dataset`` or ``DataLoader`` (read batch by batch)."""
@@ -72,7 +74,7 @@ def warn_uint8(stacklevel):
     warnings.warn(
         "Got uint8 images: they are fed to the model as floats in [0, 255]. "
         "Scale and normalize them as the model was trained.",
-        UserWarning,
+        EarlinWarning,
         stacklevel=stacklevel + 1,
     )
 

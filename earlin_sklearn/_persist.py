@@ -28,6 +28,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
 from ._torch import frozen_copy
+from .exceptions import EarlinWarning
 
 FORMAT = "earlin-estimator/1"
 JSON_FILE = "estimator.json"
@@ -256,7 +257,7 @@ class _Decoder:
                 device = state.get("device_", torch.device("cpu"))
                 if device.type == "cuda" and not torch.cuda.is_available():
                     warnings.warn(f"This {cls.__name__} was fitted on {device}, which this machine lacks; "
-                                  "it runs on the CPU instead.", UserWarning, stacklevel=3)
+                                  "it runs on the CPU instead.", EarlinWarning, stacklevel=3)
                     device = torch.device("cpu")
                     state["device_"] = device
                 for k in fitted:

@@ -10,6 +10,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .exceptions import EarlinWarning
+
 CRITERIA = ("auto", "variance", "fisher")
 
 
@@ -138,7 +140,7 @@ class ChannelSelector(SelectorMixin, BaseEstimator):
             if n > n_features:
                 warnings.warn(
                     f"n_channels={n} is more than the {n_features} columns; all are kept.",
-                    UserWarning,
+                    EarlinWarning,
                     stacklevel=3,
                 )
                 return n_features

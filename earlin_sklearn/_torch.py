@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from .exceptions import EarlinWarning
+
 _STATE_KEY = "_earlin_torch_state"
 
 
@@ -122,7 +124,7 @@ class TorchStateMixin:
             warnings.warn(
                 f"This {type(self).__name__} was pickled with torch {saved_version}; this machine has torch "
                 f"{torch.__version__}. Check its scores before deploying it, or refit.",
-                UserWarning,
+                EarlinWarning,
                 stacklevel=2,
             )
         if torch_state["modules"]:
@@ -131,7 +133,7 @@ class TorchStateMixin:
                 warnings.warn(
                     f"This {type(self).__name__} was fitted on {device}, which this machine lacks; "
                     "it runs on the CPU instead.",
-                    UserWarning,
+                    EarlinWarning,
                     stacklevel=2,
                 )
                 device = torch.device("cpu")

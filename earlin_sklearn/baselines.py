@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ._torch import TorchStateMixin, frozen_copy, input_dtype, resolve_device
 from ._inputs import image_batches, is_torch_data, to_model_input, validate_fit_images, validate_images
 from ._threshold import ThresholdMixin, offset_for_tpr
+from .exceptions import EarlinWarning
 
 LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
 
@@ -223,7 +224,7 @@ class KNNDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         n = X.shape[0]
         k = min(self.k, max(n - 1, 1))
         if k < self.k:
-            warnings.warn(f"k={self.k} needs more than {n} training samples; k={k} is used.", UserWarning, stacklevel=2)
+            warnings.warn(f"k={self.k} needs more than {n} training samples; k={k} is used.", EarlinWarning, stacklevel=2)
         self.n_neighbors_ = k
         self.index_ = NearestNeighbors(n_neighbors=k).fit(X)
         if n > k:  # leave-one-out: the nearest "neighbour" of a training sample is itself

@@ -14,3 +14,21 @@ def test_import_is_light():
 def test_public_names_exist():
     for name in earlin_sklearn.__all__:
         assert hasattr(earlin_sklearn, name), name
+
+
+def test_every_package_warning_is_an_earlin_warning():
+    """setup.cfg turns EarlinWarning into errors in the tests: a warning of another class would slip through."""
+    import ast
+    from pathlib import Path
+
+    import earlin_sklearn
+
+    offenders = []
+    for path in Path(earlin_sklearn.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                category = node.args[1] if len(node.args) > 1 else next(
+                    (k.value for k in node.keywords if k.arg == "category"), None)
+                if category is None or ast.unparse(category) != "EarlinWarning":
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

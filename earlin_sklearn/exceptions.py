@@ -1,0 +1,14 @@
+"""The package's own warning and error classes (one home, as ``sklearn.exceptions``)."""
+
+
+class EarlinWarning(UserWarning):
+    """A warning issued by earlin_sklearn (a fallback it took, or a setting worth checking).
+
+    A ``UserWarning``, so ``warnings.simplefilter("error", UserWarning)`` and
+    ``pytest.warns(UserWarning)`` see it; filter ``EarlinWarning`` to act on
+    this package's warnings alone.
+    """
+
+
+class SplitVerificationError(ValueError):
+    """A split directory that does not match its manifest or its signature, or that holds code."""
