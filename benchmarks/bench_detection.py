@@ -27,7 +27,7 @@ from common import (FAR_OOD, MODELS, NEAR_OOD, TITLES, first_stage, input_std, l
 
 from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector  # noqa: E402
 from earlin_sklearn._cost import count_flops  # noqa: E402
-from earlin_sklearn._layer_choice import edge_flops_fraction  # noqa: E402
+from earlin_sklearn._layer_choice import prefix_flops_share  # noqa: E402
 from earlin_sklearn.baselines import KNNDetector, LogitDetector  # noqa: E402
 from earlin_sklearn.metrics import auroc, detection_accuracy, tnr_at_tpr  # noqa: E402
 STAGES = {
@@ -242,7 +242,7 @@ def main(argv=None):
         for name, layer, make in candidates:
             X_fit, y_fit = (Xtr[: args.odin_fit], None) if layer == "odin" else (Xtr, ytr.numpy())
             est, s_id, s_ood, times = run_estimator(make, X_fit, y_fit, Xte, ood)
-            frac = (edge_flops_fraction(model, layer, torch.zeros(1, 3, 32, 32), full)
+            frac = (prefix_flops_share(model, layer, torch.zeros(1, 3, 32, 32), full)
                     if layer not in (None, "odin") else 1.0)
             offset = est.offset_ if hasattr(est, "offset_") else est[-1].offset_
             res["detectors"][name] = {"edge_flops": frac, "metrics": evaluate(s_id, s_ood),

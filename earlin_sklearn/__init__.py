@@ -7,52 +7,58 @@ by :class:`ShallowFeatureOODDetector`; its :meth:`~ShallowFeatureOODDetector.exp
 cuts the model into the edge part (prefix + detector) and the cloud part (the rest).
 """
 
-from . import exceptions, metrics
-from ._cost import CostComparison, SplitCost, collaborative_cost, split_cost
-from ._detector import ShallowFeatureOODDetector
-from ._distance import DistanceDetector
-from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput
-from ._edge_runner import EdgeRecord, EdgeRunner
-from ._export import load_split, save_split
-from ._features import BackboneFeatures
-from ._layer_choice import LayerRecommendation, recommend_layer
-from ._persist import load_detector, save_detector
-from ._scorers import make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer
-from ._selection import ChannelSelector
-from ._server import create_cloud_app
-from ._split import available_split_points, split_model
-from .exceptions import EarlinWarning, SplitVerificationError
+import importlib
+
+# Public names and the module that defines each. They are imported on first use (PEP 562), so that
+# `earlin --help` and `import earlin_sklearn` do not pay for importing torch until it is needed.
+_EXPORTS = {
+    "BackboneFeatures": "._features",
+    "ChannelSelector": "._selection",
+    "CloudModule": "._edge",
+    "CostComparison": "._cost",
+    "DetectorHead": "._edge",
+    "DistanceDetector": "._distance",
+    "EarlinWarning": ".exceptions",
+    "EdgeModule": "._edge",
+    "EdgeOutput": "._edge",
+    "EdgeRecord": "._edge_runner",
+    "EdgeRunner": "._edge_runner",
+    "LayerRecommendation": "._layer_choice",
+    "ShallowFeatureOODDetector": "._detector",
+    "SplitCost": "._cost",
+    "SplitVerificationError": ".exceptions",
+    "available_split_points": "._split",
+    "collaborative_cost": "._cost",
+    "create_cloud_app": "._server",
+    "load_detector": "._persist",
+    "load_split": "._export",
+    "make_ood_scorer": "._scorers",
+    "make_pseudo_ood": "._scorers",
+    "make_pseudo_ood_scorer": "._scorers",
+    "recommend_layer": "._layer_choice",
+    "save_detector": "._persist",
+    "save_split": "._export",
+    "split_cost": "._cost",
+    "split_model": "._split",
+}
+_SUBMODULES = ("baselines", "datasets", "exceptions", "metrics", "models")
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'earlin_sklearn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackboneFeatures",
-    "ChannelSelector",
-    "CloudModule",
-    "CostComparison",
-    "DetectorHead",
-    "DistanceDetector",
-    "EdgeModule",
-    "EdgeOutput",
-    "EdgeRecord",
-    "EdgeRunner",
-    "LayerRecommendation",
-    "ShallowFeatureOODDetector",
-    "SplitCost",
-    "available_split_points",
-    "collaborative_cost",
-    "create_cloud_app",
-    "make_ood_scorer",
-    "make_pseudo_ood",
-    "make_pseudo_ood_scorer",
-    "metrics",
-    "recommend_layer",
-    "save_split",
-    "load_split",
-    "save_detector",
-    "load_detector",
-    "SplitVerificationError",
-    "EarlinWarning",
-    "split_cost",
-    "split_model",
-]
+__all__ = sorted([*_EXPORTS, "metrics"])

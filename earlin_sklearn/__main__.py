@@ -10,6 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
+from ._constants import DEMO_LAYERS, ENCODINGS, UPLOADS
+
 
 def _secret_options(sub_parser):
     sub_parser.add_argument("--token-file", help="read the bearer token from this file (keeps it out of `ps`)")
@@ -20,9 +23,10 @@ def _secret_options(sub_parser):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="earlin", description="EARLIN early OOD detection.")
+    parser.add_argument("--version", action="version", version=f"earlin_sklearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole method offline on scikit-learn's digits")
-    demo.add_argument("--layer", default="layer1", help="detection layer of the demo CNN (stem, layer1, layer2)")
+    demo.add_argument("--layer", default="layer1", choices=DEMO_LAYERS, help="detection layer of the demo CNN")
     demo.add_argument("--seed", type=int, default=0)
 
     serve = sub.add_parser("serve-cloud", help="serve the exported cloud part over HTTP")
@@ -44,8 +48,8 @@ def main(argv=None):
     edge.add_argument("--input", required=True, help="an .npz file (x, optional y) or a directory of images")
     edge.add_argument("--mean", type=float, nargs="+", help="per-channel mean to normalize uint8 images (after /255)")
     edge.add_argument("--std", type=float, nargs="+", help="per-channel std to normalize uint8 images")
-    edge.add_argument("--upload", choices=["activations", "raw", "auto"], default="auto")
-    edge.add_argument("--encoding", choices=["float32", "float16", "int8"], default="float32")
+    edge.add_argument("--upload", choices=UPLOADS, default="auto")
+    edge.add_argument("--encoding", choices=ENCODINGS, default="float32")
     edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
     edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input, written as it goes")
     edge.add_argument("--resume", action="store_true", help="continue from --log: skip inputs already processed")
@@ -65,6 +69,13 @@ def main(argv=None):
 
         run_demo(layer=args.layer, seed=args.seed)
     elif args.command == "serve-cloud":
+        from ._optional import require
+
+        try:
+            require("earlin serve-cloud", "serve", "fastapi", "uvicorn")
+        except ImportError as exc:
+            print(f"earlin: {exc}", file=sys.stderr)
+            return 2
         from ._server import serve
 
         if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
@@ -74,6 +85,13 @@ def main(argv=None):
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")
+        from ._optional import require
+
+        try:
+            require("earlin run-edge", "serve", "httpx")
+        except ImportError as exc:
+            print(f"earlin: {exc}", file=sys.stderr)
+            return 2
         from ._edge_runner import CloudRefused, EdgeRunner, read_inputs, summarize
 
         try:

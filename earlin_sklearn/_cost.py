@@ -9,6 +9,8 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._protocol import dequantize_uint8, encoded_size, quantize_uint8, transfer_seconds
+
 
 
 def count_flops(module, *args):
@@ -24,21 +26,6 @@ def count_flops(module, *args):
 
 def count_parameters(module):
     return int(sum(p.numel() for p in module.parameters()))
-
-
-def quantize_uint8(t):
-    """Per-input affine 8-bit quantization: returns ``(codes, scale, low)``."""
-    flat = t.reshape(t.shape[0], -1)
-    low, high = flat.min(dim=1).values, flat.max(dim=1).values
-    scale = ((high - low) / 255.0).clamp_min(1e-12)
-    shape = (-1,) + (1,) * (t.dim() - 1)
-    codes = ((t - low.view(shape)) / scale.view(shape)).round().clamp(0, 255).to(torch.uint8)
-    return codes, scale, low
-
-
-def dequantize_uint8(codes, scale, low):
-    shape = (-1,) + (1,) * (codes.dim() - 1)
-    return codes.to(torch.float32) * scale.view(shape) + low.view(shape)
 
 
 @dataclass
@@ -146,7 +133,7 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
     detector_flops = count_flops(edge.head, pooled)
     cloud_flops = count_flops(cloud.suffix, *crossing)
     full_flops = count_flops(backbone, x1) if backbone is not None else edge_flops + cloud_flops
-    per_input = [int(np.prod(t.shape[1:])) for t in crossing]
+    shapes = [tuple(t.shape[1:]) for t in crossing]
     n_raw = int(np.prod(x1.shape[1:]))
 
     cost = SplitCost(
@@ -158,10 +145,10 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
         cloud_flops=cloud_flops,
         full_flops=full_flops,
         raw_uint8_bytes=n_raw,
-        raw_float32_bytes=4 * n_raw,
-        payload_float32_bytes=4 * sum(per_input),
-        payload_float16_bytes=2 * sum(per_input),
-        payload_int8_bytes=sum(per_input) + 8 * len(per_input),
+        raw_float32_bytes=encoded_size([x1.shape[1:]], 1, "float32"),
+        payload_float32_bytes=encoded_size(shapes, 1, "float32"),
+        payload_float16_bytes=encoded_size(shapes, 1, "float16"),
+        payload_int8_bytes=encoded_size(shapes, 1, "int8"),
         payload_shapes=[list(t.shape[1:]) for t in crossing],
         n_eval=int(X.shape[0]),
     )
@@ -259,7 +246,7 @@ def collaborative_cost(
     edge_s = edge_flops / (edge_gflop_s * 1e9)
 
     def transfer_s(n_bytes):
-        return n_bytes * 8 / (uplink_mbit_s * 1e6)
+        return transfer_seconds(n_bytes, uplink_mbit_s)
 
     def cloud_s(flops):
         return flops / (cloud_gflop_s * 1e9)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encoded_size
+from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encoded_size, transfer_seconds
+from ._constants import UPLOADS
 from ._export import load_split
 from .exceptions import EarlinWarning
 
-UPLOADS = ("activations", "raw", "auto")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 409, 428}  # configuration errors: every later upload would fail the same way
@@ -54,9 +54,9 @@ def choose_upload(manifest, encoding="float32", uplink_mbit_s=10.0, cloud_gflop_
     payload_shapes = [p["shape"] for p in manifest["payload"]]
     act_bytes = encoded_size(payload_shapes, 1, encoding)
     raw_bytes = encoded_size([manifest["input_shape"]], 1, encoding)
-    bps, fps = uplink_mbit_s * 1e6 / 8, cloud_gflop_s * 1e9
-    t_act = act_bytes / bps + manifest["flops"]["cloud"] / fps
-    t_raw = raw_bytes / bps + manifest["flops"]["full"] / fps
+    fps = cloud_gflop_s * 1e9
+    t_act = transfer_seconds(act_bytes, uplink_mbit_s) + manifest["flops"]["cloud"] / fps
+    t_raw = transfer_seconds(raw_bytes, uplink_mbit_s) + manifest["flops"]["full"] / fps
     return "activations" if t_act <= t_raw else "raw"
 
 
@@ -94,7 +94,9 @@ class EdgeRunner:
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
                  uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5):
-        import httpx
+        from ._optional import require
+
+        (httpx,) = require("EdgeRunner", "serve", "httpx")
 
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}.")

@@ -142,6 +142,9 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
             paths[f"{name}.pt2"] = directory / f"{name}.pt2"
             torch.export.save(program, paths[f"{name}.pt2"])
     if "onnx" in formats:
+        from ._optional import require
+
+        require("save_split(formats=('onnx', ...))", "export", "onnx", "onnxscript")
         with warnings.catch_warnings():
             # the exporter's notes on renamed dynamic axes are not the user's concern
             warnings.simplefilter("ignore", UserWarning)

@@ -14,8 +14,11 @@ from ._scorers import make_pseudo_ood_scorer
 from ._split import available_split_points, split_model
 
 
-def edge_flops_fraction(backbone, layer, example, full_flops=None):
+def prefix_flops_share(backbone, layer, example, full_flops=None):
     """Share of ``backbone``'s FLOPs (on ``example``) spent up to and including ``layer``.
+
+    The backbone prefix only; :attr:`SplitCost.edge_flops_fraction` adds the
+    detector head of a fitted split.
 
     Pass ``full_flops`` (``count_flops(backbone, example)``) when asking for
     several layers, so that the whole model is counted once.
@@ -130,7 +133,7 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     costs = {}
     for layer in candidates:
         try:
-            costs[layer] = edge_flops_fraction(frozen, layer, example, full_flops)
+            costs[layer] = prefix_flops_share(frozen, layer, example, full_flops)
         except ValueError as exc:
             if layers is not None:
                 raise ValueError(f"recommend_layer: {layer!r} cannot be a cut point: {exc}") from exc

@@ -15,12 +15,33 @@ was cut for; activations of another model would be silently wrong).
 import numpy as np
 import torch
 
-from ._cost import dequantize_uint8, quantize_uint8
+from ._constants import ENCODINGS
 
-ENCODINGS = ("float32", "float16", "int8")
+
 HEADER_BATCH = "X-Earlin-Batch"
 HEADER_ENCODING = "X-Earlin-Encoding"
 HEADER_VERSION = "X-Earlin-Version"
+
+
+def quantize_uint8(t):
+    """Per-input affine 8-bit quantization: returns ``(codes, scale, low)``."""
+    flat = t.reshape(t.shape[0], -1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    scale = ((high - low) / 255.0).clamp_min(1e-12)
+    shape = (-1,) + (1,) * (t.dim() - 1)
+    codes = ((t - low.view(shape)) / scale.view(shape)).round().clamp(0, 255).to(torch.uint8)
+    return codes, scale, low
+
+
+def dequantize_uint8(codes, scale, low):
+    """The inverse of :func:`quantize_uint8` (up to its rounding)."""
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return codes.to(torch.float32) * scale.view(shape) + low.view(shape)
+
+
+def transfer_seconds(n_bytes, uplink_mbit_s):
+    """Seconds to send ``n_bytes`` over an uplink of ``uplink_mbit_s`` megabits per second."""
+    return n_bytes * 8 / (uplink_mbit_s * 1e6)
 
 
 def encoded_size(shapes, batch, encoding):

@@ -59,6 +59,9 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     non-finite outputs for this payload), 428 (no ``X-Earlin-Version``).
     The split is verified when the app is created (:func:`load_split`).
     """
+    from ._optional import require
+
+    require("create_cloud_app", "serve", "fastapi")
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
 
@@ -177,7 +180,9 @@ def warm_up(edge, cloud, input_shape):
 def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None,
           ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5):
     """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key."""
-    import uvicorn
+    from ._optional import require
+
+    (uvicorn,) = require("serve", "serve", "uvicorn")
 
     app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,

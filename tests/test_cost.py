@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from earlin_sklearn import ShallowFeatureOODDetector, collaborative_cost, split_cost
-from earlin_sklearn._cost import count_flops, dequantize_uint8, quantize_uint8
+from earlin_sklearn._cost import count_flops
+from earlin_sklearn._protocol import dequantize_uint8, quantize_uint8
 from earlin_sklearn.models import cifar_resnet
 
 

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import earlin_sklearn
 
 
@@ -32,3 +34,20 @@ def test_every_package_warning_is_an_earlin_warning():
                 if category is None or ast.unparse(category) != "EarlinWarning":
                     offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+def test_cli_parses_before_importing_torch():
+    code = ("import sys\nfrom earlin_sklearn.__main__ import main\n"
+            "for argv in (['--help'], ['--version'], ['demo', '--layer', 'bogus']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stdout + result.stderr
+    assert "invalid choice: 'bogus'" in result.stderr
+
+
+def test_a_missing_extra_is_named():
+    from earlin_sklearn._optional import require
+
+    with pytest.raises(ImportError, match=r"pip install 'earlin_sklearn\[serve\]'"):
+        require("earlin serve-cloud", "serve", "a_module_that_is_not_there")

@@ -1,0 +1,5 @@
+"""Names shared by the package and its command line; importing this module imports nothing heavy."""
+
+ENCODINGS = ("float32", "float16", "int8")
+UPLOADS = ("activations", "raw", "auto")
+DEMO_LAYERS = ("stem", "layer1", "layer2")
