@@ -36,7 +36,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
+        "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
                  "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         # the cloud server and the edge runner (earlin serve-cloud / run-edge)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
