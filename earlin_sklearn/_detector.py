@@ -1,20 +1,17 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
-from numbers import Integral, Real
-
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PowerTransformer
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._distance import METRICS, DistanceDetector, usable_labels
+from ._distance import DistanceDetector, usable_labels
 from ._edge import build_split
-from ._features import LAYOUTS, POOLINGS, BackboneFeatures, resolve_extra_layers
-from ._inputs import is_torch_data
-from ._selection import CRITERIA, ChannelSelector
+from ._features import BackboneFeatures, resolve_extra_layers
+from ._inputs import is_torch_data, validate_fit_images, validate_images
+from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
 
@@ -112,26 +109,13 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         pipeline = getattr(self, "pipeline_", None)
         return pipeline["features"].module_ if pipeline is not None else None
 
+    # the steps' own constraints, inherited rather than copied; only the composite's own choices are new
     _parameter_constraints = {
-        "backbone": [torch.nn.Module],
-        "layer": [str],
-        "n_channels": [
-            Interval(Integral, 1, None, closed="left"),
-            Interval(Real, 0, 1, closed="right"),
-            StrOptions({"all", "auto"}),
-        ],
-        "criterion": [StrOptions(set(CRITERIA))],
-        "pooling": [StrOptions(set(POOLINGS))],
-        "layout": [StrOptions(set(LAYOUTS))],
+        **BackboneFeatures._parameter_constraints,
+        **ChannelSelector._parameter_constraints,
+        **DistanceDetector._parameter_constraints,
         "extra_layers": [StrOptions({"auto"}), tuple, list],
         "gaussianize": [StrOptions({"yeo-johnson"}), None],
-        "metric": [StrOptions(set(METRICS))],
-        "class_conditional": [StrOptions({"auto"}), "boolean"],
-        "target_tpr": [Interval(Real, 0, 1, closed="right")],
-        "threshold_cv": [Interval(Integral, 2, None, closed="left"), None],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "device": [str, torch.device],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -185,6 +169,8 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         -------
         self : object
         """
+        owner = type(self).__name__
+        X, sample = validate_fit_images(self, X, self.batch_size)  # validated once, in this class's name
         extra_layers = resolve_extra_layers(self.backbone, self.layer, self.extra_layers)
         features = BackboneFeatures(
             self.backbone,
@@ -195,8 +181,8 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             batch_size=self.batch_size,
             device=self.device,
             verbose=self.verbose,
-        ).fit(X)
-        F, loader_y = features.features_and_labels(X)
+        )._fit(sample, owner)
+        F, loader_y = features._features_and_labels(X, owner)
         if y is None:
             y = loader_y
         if y is not None and self.class_conditional is not False:
@@ -245,7 +231,9 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         scores : ndarray of shape (N,)
         """
         check_is_fitted(self, "pipeline_")
-        F = self.pipeline_["features"].transform(X)
+        if not is_torch_data(X):
+            X = validate_images(self, X, reset=False, input_shape=self.pipeline_["features"].input_shape_)
+        F = self.pipeline_["features"]._features_and_labels(X, type(self).__name__)[0]
         # finite images whose activations overflow are as far from ID as can be: -inf (the edge head agrees)
         finite = np.isfinite(F).all(axis=1)
         scores = np.full(F.shape[0], -np.inf)

@@ -297,11 +297,16 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         -------
         self : object
         """
+        X, sample = validate_fit_images(self, X, self.batch_size)
+        return self._fit(sample, type(self).__name__)
+
+    def _fit(self, sample, owner):
+        """Fit from the first (validated) input; ``owner`` names the estimator the user called in errors."""
         get_layer(self.backbone, self.layer)
         self.extra_layers_ = resolve_extra_layers(self.backbone, self.layer, list(self.extra_layers))
         if self.layer in self.extra_layers_:
             raise ValueError(f"extra_layers must not contain `layer` ({self.layer!r}) itself.")
-        X, sample = validate_fit_images(self, X, self.batch_size)
+        self.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         self.input_shape_ = tuple(int(s) for s in sample.shape[1:])
         self.device_ = resolve_device(self.device)
         self.module_ = frozen_copy(self.backbone, self.device_)
@@ -310,7 +315,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         except _NotATensor:
             raise
         except (RuntimeError, TypeError, IndexError) as exc:  # the backbone refused the input
-            raise ValueError(self._input_error(sample, exc)) from exc
+            raise ValueError(self._input_error(sample, exc, owner)) from exc
         self.activation_shape_ = tuple(int(s) for s in activation.shape[1:])
         self.layout_ = resolve_layout(self.layout, activation)
         self.n_channels_ = self.activation_shape_[-1 if self.layout_ != "channels" else 0]
@@ -345,10 +350,14 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
             Labels from ``(x, y)`` batches; None for arrays and unlabelled batches.
         """
         check_is_fitted(self)
-        owner = type(self).__name__
+        if not is_torch_data(X):
+            X = validate_images(self, X, reset=False, input_shape=self.input_shape_)
+        return self._features_and_labels(X, type(self).__name__)
+
+    def _features_and_labels(self, X, owner):
+        """:meth:`features_and_labels` of a validated array or of a Dataset/DataLoader (checked per batch)."""
         torch_data = is_torch_data(X)
         if not torch_data:
-            X = validate_images(self, X, reset=False)
             check_image_shape(X.shape[1:], owner, 0, self.input_shape_)
         batches, total = image_batches(X, self.batch_size)
         feats, labels = [], []
@@ -375,7 +384,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
             out = run_to_layer(self.module_, self.module_.get_submodule(self.layer), x, extra)
         return out if extra else [out]
 
-    def _input_error(self, sample, exc):
+    def _input_error(self, sample, exc, owner):
         """What to tell a user whose images the backbone could not run on."""
         expected = first_in_channels(self.module_)
         hint = ""
@@ -384,7 +393,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         elif expected is not None and sample.shape[1] != expected and sample.shape[-1] == expected:
             hint = " It looks channels-last (N, H, W, C): use X.transpose(0, 3, 1, 2)."
         return (
-            f"{type(self).__name__}: the backbone could not run on images of shape "
+            f"{owner}: the backbone could not run on images of shape "
             f"(N, {', '.join(map(str, sample.shape[1:]))}).{hint} The backbone said: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         )

@@ -88,8 +88,30 @@ def check_image_shape(shape, owner, index, input_shape):
         )
 
 
+def check_rank_and_channels(shape, owner, input_shape):
+    """Refuse arrays whose rank or channel axis differ from the fitted images', with a hint.
+
+    Only for images (``input_shape`` of 2 or more axes); flat inputs are left to scikit-learn's check.
+    """
+    if len(input_shape) < 2:
+        return
+    expected = (len(input_shape) + 1, input_shape[0])
+    if len(shape) == len(input_shape) and tuple(shape) == tuple(input_shape):
+        raise ValueError(f"{owner} takes a batch of images (N, {', '.join(map(str, input_shape))}); got one image "
+                         f"of shape {tuple(shape)}: add a batch axis, X[None].")
+    if len(shape) != expected[0]:
+        raise ValueError(f"{owner} takes images of shape (N, {', '.join(map(str, input_shape))}); got a "
+                         f"{len(shape)}-D array of shape {tuple(shape)}.")
+    if shape[1] != expected[1]:
+        hint = " It looks channels-last (N, H, W, C): use X.transpose(0, 3, 1, 2)." if shape[-1] == expected[1] else ""
+        raise ValueError(f"X has {shape[1]} features (channels), but {owner} is expecting {expected[1]} features as "
+                         f"input: it was fitted on images with {expected[1]} channels (N, C, H, W); got shape "
+                         f"{tuple(shape)}.{hint}")
+
+
 def check_batch(x, owner, index, input_shape):
     """A loader's batch: the fitted image shape, no NaN/inf; uint8 warns."""
+    check_rank_and_channels(tuple(x.shape), owner, tuple(input_shape))
     check_image_shape(x.shape[1:], owner, index, input_shape)
     if x.dtype == torch.uint8:
         warn_uint8(stacklevel=4)
@@ -118,13 +140,18 @@ def image_batches(X, batch_size):
     return ((X[s : s + batch_size], None) for s in starts), len(starts)
 
 
-def validate_images(estimator, X, reset):
+def validate_images(estimator, X, reset, input_shape=None):
     """Validate an image array (or tensor) ``(N, C, H, W)`` with scikit-learn's checks.
 
     Sets or checks ``n_features_in_`` (the number of channels) on ``estimator``.
+    With ``input_shape`` (``(C, H, W)`` seen in fit), an array of another
+    rank or channel count is refused in image terms first.
     """
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
+    if input_shape is not None:
+        shape = X.shape if hasattr(X, "shape") else np.asarray(X).shape
+        check_rank_and_channels(tuple(shape), type(estimator).__name__, tuple(input_shape))
     X = validate_data(estimator, X, reset=reset, allow_nd=True, dtype="numeric")
     if X.dtype == np.uint8:
         warn_uint8(stacklevel=3)

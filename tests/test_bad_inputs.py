@@ -74,7 +74,7 @@ def test_non_finite_loader_batches_are_named(fitted, value, word):
     det, X = fitted
     bad = X[:4].copy()
     bad[1, 0, 0, 0] = value
-    with pytest.raises(ValueError, match=f"BackboneFeatures got images containing {word}"):
+    with pytest.raises(ValueError, match=f"ShallowFeatureOODDetector got images containing {word}"):
         det.score_samples(DataLoader(bad, batch_size=2))
 
 
@@ -140,3 +140,21 @@ def test_recommend_layer_refuses_a_typo():
     X, y = make_images(30)
     with pytest.raises(ValueError, match="layr1"):
         recommend_layer(make_tiny_cnn(), X, y, layers=["layr1"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda X: X.transpose(0, 2, 3, 1), r"ShallowFeatureOODDetector is expecting 3 .*channels-last.*transpose"),
+    (lambda X: X[0], r"ShallowFeatureOODDetector takes a batch of images .* X\[None\]"),
+    (lambda X: X[:, 0], r"ShallowFeatureOODDetector takes images of shape \(N, 3, 12, 12\); got a 3-D array"),
+    (lambda X: X[:, None], r"ShallowFeatureOODDetector takes images .* got a 5-D array"),
+    (lambda X: X.reshape(len(X), -1), r"got a 2-D array"),
+], ids=["channels-last", "one image", "3-D", "5-D", "flat"])
+def test_arrays_of_another_layout_are_named_in_the_composites_terms(fitted, make, message):
+    det, X = fitted
+    for method in (det.predict, det.score_samples, det.decision_function):
+        with pytest.raises(ValueError, match=message):
+            method(make(X[:4]))
+    # a DataLoader of such batches is refused the same way, batch by batch
+    if make(X[:4]).ndim != 3:
+        with pytest.raises(ValueError, match="ShallowFeatureOODDetector"):
+            det.score_samples(DataLoader(make(X[:4]), batch_size=2))
