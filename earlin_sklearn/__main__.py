@@ -24,6 +24,8 @@ def _secret_options(sub_parser):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="earlin", description="EARLIN early OOD detection.")
     parser.add_argument("--version", action="version", version=f"earlin_sklearn {__version__}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: half the cores, at least 1)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole method offline on scikit-learn's digits")
     demo.add_argument("--layer", default="layer1", choices=DEMO_LAYERS, help="detection layer of the demo CNN")
@@ -64,6 +66,13 @@ def main(argv=None):
                 setattr(args, name, Path(path).read_text().strip())
             except OSError as exc:
                 parser.error(f"--{name}-file: {exc}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    import torch
+
+    from ._torch import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     if args.command == "demo":
         from ._demo import run_demo
 

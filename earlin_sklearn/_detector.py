@@ -73,6 +73,9 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         Images per forward pass (and the batch size of a Dataset's loader).
     device : str or torch.device, default="auto"
         Where the backbone runs; ``"auto"`` picks CUDA when available.
+    n_threads : int, "auto" or None, default="auto"
+        torch intra-op threads while the backbone runs (see
+        :class:`BackboneFeatures`): ``"auto"`` is half the cores, at least 1.
     verbose : int, default=0
         ``verbose > 0`` shows a progress bar during feature extraction.
 
@@ -135,6 +138,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         threshold_cv=5,
         batch_size=128,
         device="auto",
+        n_threads="auto",
         verbose=0,
     ):
         self.backbone = backbone
@@ -151,6 +155,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         self.threshold_cv = threshold_cv
         self.batch_size = batch_size
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -180,6 +185,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             extra_layers=tuple(extra_layers),
             batch_size=self.batch_size,
             device=self.device,
+            n_threads=self.n_threads,
             verbose=self.verbose,
         )._fit(sample, owner)
         F, loader_y = features._features_and_labels(X, owner)

@@ -10,7 +10,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._torch import TorchStateMixin, first_in_channels, frozen_copy, get_layer, input_dtype, resolve_device
+from ._torch import (TorchStateMixin, first_in_channels, frozen_copy, get_layer, input_dtype, resolve_device,
+                     torch_threads)
 from ._inputs import (check_batch, check_image_shape, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
                       validate_images)
 
@@ -226,6 +227,11 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         Images per forward pass.
     device : str or torch.device, default="auto"
         Where the backbone runs; ``"auto"`` picks CUDA when available.
+    n_threads : int, "auto" or None, default="auto"
+        torch intra-op threads while this estimator runs the backbone
+        (restored afterwards). ``"auto"``: half the cores, at least 1, which
+        does not collapse when another process holds a core; None: torch's
+        current setting.
     verbose : int, default=0
         ``verbose > 0`` shows a progress bar over batches.
 
@@ -269,11 +275,12 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         "extra_layers": ["array-like", tuple, list],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "verbose": ["verbose"],
     }
 
     def __init__(self, backbone, layer, *, pooling="meanstd", layout="auto", extra_layers=(), batch_size=128,
-                 device="auto", verbose=0):
+                 device="auto", n_threads="auto", verbose=0):
         self.backbone = backbone
         self.layer = layer
         self.pooling = pooling
@@ -281,6 +288,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         self.extra_layers = extra_layers
         self.batch_size = batch_size
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -311,7 +319,8 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         self.device_ = resolve_device(self.device)
         self.module_ = frozen_copy(self.backbone, self.device_)
         try:
-            *extra, activation = self._activations(sample)
+            with torch_threads(self.n_threads):
+                *extra, activation = self._activations(sample)
         except _NotATensor:
             raise
         except (RuntimeError, TypeError, IndexError) as exc:  # the backbone refused the input
@@ -362,11 +371,12 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         batches, total = image_batches(X, self.batch_size)
         feats, labels = [], []
         bar = tqdm(batches, total=total, desc=f"features@{self.layer}", disable=self.verbose <= 0)
-        for i, (x, y) in enumerate(bar):
-            if torch_data:
-                check_batch(x, owner, i, self.input_shape_)
-            feats.append(self._pooled(x))
-            labels.append(y)
+        with torch_threads(getattr(self, "n_threads", "auto")):  # one setting for the whole pass
+            for i, (x, y) in enumerate(bar):
+                if torch_data:
+                    check_batch(x, owner, i, self.input_shape_)
+                feats.append(self._pooled(x))
+                labels.append(y)
         if not feats:
             raise ValueError(f"{owner} found no images: the data is empty.")
         return np.concatenate(feats).astype(np.float64, copy=False), labels_to_numpy(labels)

@@ -15,9 +15,11 @@ inherits :class:`TorchStateMixin`, in the spirit of skorch's
   cannot be read fails with a message that says so, not a deep traceback.
 """
 
+import contextlib
 import copy
 import difflib
 import io
+import os
 import warnings
 
 import torch
@@ -25,6 +27,39 @@ import torch
 from .exceptions import EarlinWarning
 
 _STATE_KEY = "_earlin_torch_state"
+
+
+def default_threads():
+    """Half the machine's cores, at least 1: the intra-op thread count used when ``n_threads="auto"``.
+
+    torch's own default (every core) collapses when another process holds a
+    core: its threads wait for each other at every barrier (see
+    docs/user_guide.rst, "Threads", for the measurement).
+    """
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+def resolve_threads(n_threads):
+    """``"auto"`` -> :func:`default_threads`; None -> torch's current setting; an int as is."""
+    if n_threads is None:
+        return torch.get_num_threads()
+    if isinstance(n_threads, str) and n_threads == "auto":
+        return default_threads()
+    return int(n_threads)
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads):
+    """Run the block with ``n_threads`` intra-op threads (see :func:`resolve_threads`), then restore torch's."""
+    before = torch.get_num_threads()
+    wanted = resolve_threads(n_threads)
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def resolve_device(device):

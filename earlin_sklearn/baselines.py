@@ -28,7 +28,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from ._torch import TorchStateMixin, frozen_copy, input_dtype, resolve_device
+from ._torch import TorchStateMixin, frozen_copy, input_dtype, resolve_device, torch_threads
 from ._inputs import image_batches, is_torch_data, to_model_input, validate_fit_images, validate_images
 from ._threshold import ThresholdMixin, offset_for_tpr
 from .exceptions import EarlinWarning
@@ -59,6 +59,8 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
     target_tpr : float, default=0.95
     batch_size : int, default=128
     device : str or torch.device, default="auto"
+    n_threads : int, "auto" or None, default="auto"
+        torch intra-op threads while scoring (see :class:`BackboneFeatures`).
     verbose : int, default=0
 
     Attributes
@@ -80,11 +82,12 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
         "target_tpr": [Interval(Real, 0, 1, closed="right")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "verbose": ["verbose"],
     }
 
     def __init__(self, model, method="msp", *, temperature=None, epsilon=0.0014, input_std=None,
-                 target_tpr=0.95, batch_size=128, device="auto", verbose=0):
+                 target_tpr=0.95, batch_size=128, device="auto", n_threads="auto", verbose=0):
         self.model = model
         self.method = method
         self.temperature = temperature
@@ -93,6 +96,7 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
         self.target_tpr = target_tpr
         self.batch_size = batch_size
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -132,7 +136,9 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
 
     def _scores(self, X):
         batches, total = image_batches(X, self.batch_size)
-        out = [self._score_batch(x) for x, _ in tqdm(batches, total=total, desc=self.method, disable=self.verbose <= 0)]
+        with torch_threads(getattr(self, "n_threads", "auto")):
+            out = [self._score_batch(x) for x, _ in tqdm(batches, total=total, desc=self.method,
+                                                         disable=self.verbose <= 0)]
         if not out:
             raise ValueError("Found no images: the data is empty.")
         return np.concatenate(out).astype(np.float64)

@@ -111,3 +111,25 @@ def test_another_torch_version_is_named(monkeypatch):
     with pytest.warns(UserWarning, match="pickled with torch 1.0.0"), \
             pytest.raises(RuntimeError, match=r"saved with torch 1\.0\.0 and this machine has torch"):
         broken.__setstate__(state)
+
+
+def test_n_threads_applies_while_the_backbone_runs_and_is_restored():
+    from earlin_sklearn._torch import default_threads
+
+    seen = []
+    net = cifar_resnet(20)
+    net.layer1.register_forward_hook(lambda m, a, o: seen.append(torch.get_num_threads()))
+    X, y = _data(20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for n_threads, expected in ((1, 1), ("auto", default_threads()), (None, 2)):
+            seen.clear()
+            det = ShallowFeatureOODDetector(net, "layer1", device="cpu", n_threads=n_threads).fit(X, y)
+            det.score_samples(X)
+            assert seen and set(seen) == {expected}, (n_threads, seen)
+            assert torch.get_num_threads() == 2  # the caller's setting is back
+        with pytest.raises(ValueError, match="n_threads"):
+            ShallowFeatureOODDetector(net, "layer1", n_threads=0).fit(X, y)
+    finally:
+        torch.set_num_threads(before)

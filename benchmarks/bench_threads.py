@@ -1,0 +1,85 @@
+"""Intra-op threads on a shared machine: the default of ``n_threads`` measured under contention.
+
+    python benchmarks/bench_threads.py
+
+For each thread count (1, half the cores, all cores) and each load (the machine
+idle; one other process spinning on one core), a fresh process times
+(a) BackboneFeatures.transform of 2,000 CIFAR-size images through ResNet-20 up
+to ``layer1`` (batch 128) and (b) the exported edge module at batch 1 (median of
+300 calls). No data or weights are needed: speed does not depend on them.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time, numpy as np, torch
+from earlin_sklearn import ShallowFeatureOODDetector
+from earlin_sklearn.models import cifar_resnet
+n_threads = int(sys.argv[1])
+torch.manual_seed(0)
+X = torch.randn(2000, 3, 32, 32).numpy()
+det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu", n_threads=n_threads).fit(X[:500], np.arange(500) % 10)
+features = det.pipeline_["features"]
+features.transform(X[:256])  # warm up
+t0 = time.perf_counter(); features.transform(X); transform_s = time.perf_counter() - t0
+edge, _ = det.export_split()
+torch.set_num_threads(n_threads)
+x1 = torch.as_tensor(X[:1])
+lat = []
+with torch.inference_mode():
+    for i in range(330):
+        t0 = time.perf_counter(); edge(torch.as_tensor(X[i:i + 1])); lat.append(time.perf_counter() - t0)
+print(json.dumps({"transform_s": transform_s, "edge_ms_p50": 1e3 * float(np.median(lat[30:]))}))
+"""
+
+
+def run(n_threads, busy):
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        time.sleep(0.5 if busy else 0)
+        env = {**os.environ, "OMP_NUM_THREADS": str(n_threads)}
+        out = subprocess.run([sys.executable, "-c", CHILD, str(n_threads)], capture_output=True, text=True,
+                             check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "threads"))
+    args = p.parse_args(argv)
+    cores = os.cpu_count() or 1
+    counts = sorted({1, max(1, cores // 2), cores})
+    rows = []
+    for busy in (False, True):
+        for n in counts:
+            r = run(n, busy)
+            rows.append({"threads": n, "other_process_busy": busy, **r})
+            print(rows[-1], flush=True)
+    base = {busy: next(r for r in rows if r["threads"] == 1 and r["other_process_busy"] == busy) for busy in (False, True)}
+    lines = [f"Command: `python benchmarks/bench_threads.py`; {cores} cores", "",
+             "| threads | other process busy on one core | transform 2,000 images (s) | vs 1 thread | "
+             "edge batch-1 latency p50 (ms) | vs 1 thread |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        b = base[r["other_process_busy"]]
+        lines.append(f"| {r['threads']} | {'yes' if r['other_process_busy'] else 'no'} | {r['transform_s']:.2f} | "
+                     f"{r['transform_s'] / b['transform_s']:.2f}x | {r['edge_ms_p50']:.2f} | "
+                     f"{r['edge_ms_p50'] / b['edge_ms_p50']:.2f}x |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"cores": cores, "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
