@@ -36,7 +36,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
+        # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests
+        "test": ["pytest>=7", "hypothesis>=6", "sphinx>=7", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15",
+                 "sphinx-gallery>=0.16", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
                  "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         # the cloud server and the edge runner (earlin serve-cloud / run-edge)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
@@ -44,7 +46,8 @@ setup(
         "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6"],
         "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.6"],
-        "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6"],
+        "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0.15", "sphinx-gallery>=0.16",
+                 "onnx>=1.16", "onnxscript>=0.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["earlin=earlin_sklearn.__main__:main"]},
     classifiers=[

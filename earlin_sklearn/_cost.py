@@ -208,9 +208,9 @@ def collaborative_cost(
 
     (a) ``cloud only``: upload every raw input; the cloud runs the whole model.
     (b) ``EARLIN, activations``: the edge runs the prefix and the detector and
-    uploads the cut activations of inputs it accepts; the cloud runs the rest.
+        uploads the cut activations of inputs it accepts; the cloud runs the rest.
     (c) ``EARLIN, raw input``: the edge runs the prefix and the detector and
-    uploads the raw input of inputs it accepts; the cloud runs the whole model.
+        uploads the raw input of inputs it accepts; the cloud runs the whole model.
 
     An input is uploaded with probability ``(1 - ood_fraction) * tpr +
     ood_fraction * (1 - tnr)``. Latency is the expected time per input:

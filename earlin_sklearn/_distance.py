@@ -115,12 +115,12 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
     Attributes
     ----------
-    centroids_ : ndarray of shape (n_centroids, n_features_in_)
+    centroids_ : ndarray of shape (n_centroids, n_features)
     classes_ : ndarray of shape (n_centroids,) or None
         Class of each centroid; None with a global centroid.
-    precision_ : ndarray of shape (n_features_in_, n_features_in_) or None
+    precision_ : ndarray of shape (n_features, n_features) or None
         Inverse shared covariance (Mahalanobis only).
-    whitening_ : ndarray of shape (n_features_in_, n_features_in_) or None
+    whitening_ : ndarray of shape (n_features, n_features) or None
         ``W`` with ``W @ W.T == precision_``: Mahalanobis distances are computed
         as Euclidean distances after ``X @ W`` (Mahalanobis only).
     offset_ : float

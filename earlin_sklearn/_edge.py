@@ -135,7 +135,7 @@ class EdgeModule(nn.Module):
     n_extra : int, default=0
         Number of extra taps the prefix returns after the activation.
     layout : {"channels", "tokens", "tokens+cls", "auto"}, default="channels"
-        Axes of the taps (see :func:`pool_activation`).
+        Axes of the taps (see ``pool_activation``).
     """
 
     def __init__(self, prefix, head, pooling, n_extra=0, layout="channels"):
@@ -168,6 +168,11 @@ class CloudModule(nn.Module):
     ``cloud(payload)`` (a tensor or a tuple of tensors, as in
     :attr:`EdgeOutput.payload`) or ``cloud(*tensors)`` returns the original
     model's output.
+
+    Parameters
+    ----------
+    suffix : torch.fx.GraphModule
+        From :func:`split_model`: takes the tensors that cross the cut.
     """
 
     def __init__(self, suffix):

@@ -72,7 +72,7 @@ class EdgeRunner:
     upload : {"activations", "raw", "auto"}, default="auto"
         What an accepted input sends: the cut activations, the input itself
         (the cloud then runs the whole model), or the cost model's choice
-        (:func:`choose_upload`).
+        (``choose_upload``).
     encoding : {"float32", "float16", "int8"}, default="float32"
         Wire encoding of what is sent.
     token : str, default=None

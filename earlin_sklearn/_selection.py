@@ -63,7 +63,7 @@ class ChannelSelector(SelectorMixin, BaseEstimator):
 
     Attributes
     ----------
-    scores_ : ndarray of shape (n_features_in_,)
+    scores_ : ndarray of shape (n_features,)
         The criterion's score of each column (higher = more informative).
     channels_ : ndarray of shape (n_selected,)
         Indices of the kept columns, in ascending order.

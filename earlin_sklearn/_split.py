@@ -121,7 +121,7 @@ def split_model(backbone, layer, extra_layers=(), example=None):
     example : torch.Tensor of shape (1, C, H, W), default=None
         One input of the deployed size, used only to settle non-tensor values
         that cross the cut (see above). Without it such values are left in
-        the payload and :func:`check_tensor_payload` refuses them.
+        the payload and ``check_tensor_payload`` refuses them.
 
     Returns
     -------

@@ -6,7 +6,7 @@
   OOD data) and maximum logit.
 - :class:`KNNDetector`: distance to the k-th nearest ID training feature
   (Sun et al. 2022); on L2-normalized penultimate features it is the KNN
-  baseline, and it composes after :class:`BackboneFeatures` at any layer.
+  baseline, and it composes after :class:`~earlin_sklearn.BackboneFeatures` at any layer.
 - Mahalanobis on penultimate features (Lee et al. 2018, without input
   preprocessing or layer ensembles) is
   ``ShallowFeatureOODDetector(model, layer=<penultimate>, metric="mahalanobis")``.
@@ -60,7 +60,7 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
     batch_size : int, default=128
     device : str or torch.device, default="auto"
     n_threads : int, "auto" or None, default="auto"
-        torch intra-op threads while scoring (see :class:`BackboneFeatures`).
+        torch intra-op threads while scoring (see :class:`~earlin_sklearn.BackboneFeatures`).
     verbose : int, default=0
 
     Attributes

@@ -21,7 +21,7 @@ class DigitsCNN(nn.Module):
 
 
 def train_digits_cnn(X, y, epochs=15, seed=0):
-    """Train :class:`DigitsCNN` with Adam; a few seconds on 2 CPU cores.
+    """Train :class:`~earlin_sklearn.models.DigitsCNN` with Adam; a few seconds on 2 CPU cores.
 
     Parameters
     ----------
@@ -33,7 +33,7 @@ def train_digits_cnn(X, y, epochs=15, seed=0):
 
     Returns
     -------
-    net : DigitsCNN
+    net : earlin_sklearn.models.DigitsCNN
         In evaluation mode.
     """
     torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def cifar_resnet(depth=20, weights=None, n_classes=10):
     -------
     model : CifarResNet
         In evaluation mode. Expects RGB in [0, 1] normalized with
-        :data:`CIFAR_MEAN` and :data:`CIFAR_STD`.
+        ``CIFAR_MEAN`` and ``CIFAR_STD``.
     """
     if depth not in CIFAR_DEPTHS:
         raise ValueError(f"depth must be one of {sorted(CIFAR_DEPTHS)}; got {depth}.")
@@ -153,7 +153,7 @@ def cifar_resnet(depth=20, weights=None, n_classes=10):
 # ShuffleNetV2 for CIFAR ----------------------------------------------------------------------------
 
 #: Input normalization of the CIFAR-10 ShuffleNetV2 checkpoint (pytorch-cifar-models; RGB in [0, 1]).
-#: Not the ImageNet statistics that :data:`CIFAR_MEAN` / :data:`CIFAR_STD` hold for the ResNets.
+#: Not the ImageNet statistics that ``CIFAR_MEAN`` / ``CIFAR_STD`` hold for the ResNets.
 SHUFFLENET_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 SHUFFLENET_CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
@@ -181,7 +181,7 @@ def cifar_shufflenet_v2(weights=None, n_classes=10, width="x0_5"):
     -------
     model : torchvision.models.ShuffleNetV2
         In evaluation mode. Expects RGB in [0, 1] normalized with
-        :data:`SHUFFLENET_CIFAR_MEAN` and :data:`SHUFFLENET_CIFAR_STD`.
+        ``SHUFFLENET_CIFAR_MEAN`` and ``SHUFFLENET_CIFAR_STD``.
 
     Examples
     --------
