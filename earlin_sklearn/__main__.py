@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from ._constants import DEMO_LAYERS, ENCODINGS, UPLOADS
+from ._constants import DEMO_LAYERS, ENCODINGS, IMAGE_FORMATS, UPLOADS
 
 
 def _secret_options(sub_parser):
@@ -51,7 +51,9 @@ def main(argv=None):
     edge.add_argument("--mean", type=float, nargs="+", help="per-channel mean to normalize uint8 images (after /255)")
     edge.add_argument("--std", type=float, nargs="+", help="per-channel std to normalize uint8 images")
     edge.add_argument("--upload", choices=UPLOADS, default="auto")
-    edge.add_argument("--encoding", choices=ENCODINGS, default="float32")
+    edge.add_argument("--encoding", choices=ENCODINGS + IMAGE_FORMATS, default="float32",
+                      help="tensor encoding, or png/jpeg: upload the camera image (needs a split with preprocessing)")
+    edge.add_argument("--jpeg-quality", type=int, default=90)
     edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
     edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input, written as it goes")
     edge.add_argument("--resume", action="store_true", help="continue from --log: skip inputs already processed")
@@ -104,9 +106,11 @@ def main(argv=None):
         from ._edge_runner import CloudRefused, EdgeRunner, read_inputs, summarize
 
         try:
-            X, y = read_inputs(args.input, args.mean, args.std)
-            with EdgeRunner(args.split_dir, args.url, upload=args.upload, encoding=args.encoding, token=args.token,
-                            key=args.key, timeout=args.timeout, retries=args.retries) as runner:
+            images = args.encoding in IMAGE_FORMATS
+            X, y = read_inputs(args.input, args.mean, args.std, keep_uint8=images)
+            with EdgeRunner(args.split_dir, args.url, upload="raw" if images else args.upload, encoding=args.encoding,
+                            token=args.token, key=args.key, timeout=args.timeout, retries=args.retries,
+                            jpeg_quality=args.jpeg_quality) as runner:
                 records = runner.run(X, labels=y, log=args.log, resume=args.resume)
         except (CloudRefused, ValueError, FileNotFoundError) as exc:
             print(f"earlin run-edge: {exc}", file=sys.stderr)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encoded_size, transfer_seconds
-from ._constants import UPLOADS
+from ._protocol import (ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encode_image, encoded_size,
+                        preprocess, transfer_seconds)
+from ._constants import IMAGE_FORMATS, UPLOADS
 from ._export import load_split
 from .exceptions import EarlinWarning
 
@@ -73,8 +74,13 @@ class EdgeRunner:
         What an accepted input sends: the cut activations, the input itself
         (the cloud then runs the whole model), or the cost model's choice
         (``choose_upload``).
-    encoding : {"float32", "float16", "int8"}, default="float32"
-        Wire encoding of what is sent.
+    encoding : {"float32", "float16", "int8", "png", "jpeg"}, default="float32"
+        Wire encoding of what is sent. ``"png"`` (lossless) and ``"jpeg"``
+        upload the camera image itself as a file (``upload="raw"``); they
+        need uint8 images ``(H, W, C)`` as inputs and a split saved with its
+        ``preprocessing``, which the runner applies for the edge part and the
+        server for the whole model.
+    jpeg_quality : int, default=90
     token : str, default=None
         Bearer token of the server.
     uplink_mbit_s, cloud_gflop_s : float
@@ -93,20 +99,30 @@ class EdgeRunner:
     """
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
-                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5):
+                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5,
+                 jpeg_quality=90):
         from ._optional import require
 
         (httpx,) = require("EdgeRunner", "serve", "httpx")
 
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}.")
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}.")
+        if encoding not in ENCODINGS + IMAGE_FORMATS:
+            raise ValueError(f"encoding must be one of {ENCODINGS + IMAGE_FORMATS}; got {encoding!r}.")
+        if encoding in IMAGE_FORMATS and upload == "activations":
+            raise ValueError(f"encoding={encoding!r} uploads the image file: use upload='raw' (or 'auto').")
+        self.jpeg_quality = int(jpeg_quality)
         if int(retries) < 0 or backoff < 0 or timeout <= 0:
             raise ValueError("retries and backoff must be >= 0 and timeout > 0.")
         self.retries, self.backoff = int(retries), float(backoff)
         self.manifest, self.edge, _ = load_split(split_dir, parts=("edge",), key=key)
-        self.upload = choose_upload(self.manifest, encoding, uplink_mbit_s, cloud_gflop_s) if upload == "auto" else upload
+        if encoding in IMAGE_FORMATS and self.manifest.get("preprocessing") is None:
+            raise ValueError("image uploads need a split saved with save_split(..., preprocessing={'mean': ..., "
+                             "'std': ...}): the server turns the file into the model input with it.")
+        if encoding in IMAGE_FORMATS:
+            self.upload = "raw"
+        else:
+            self.upload = choose_upload(self.manifest, encoding, uplink_mbit_s, cloud_gflop_s) if upload == "auto" else upload
         self.encoding = encoding
         headers = {HEADER_ENCODING: encoding, HEADER_VERSION: self.manifest["version"], HEADER_BATCH: "1",
                    "Content-Type": "application/octet-stream"}
@@ -124,8 +140,20 @@ class EdgeRunner:
         self.close()
 
     def process(self, x, index=0, label=-1):
-        """Decide on one input ``(C, H, W)`` and upload it if it is ID (with retries)."""
+        """Decide on one input and upload it if it is ID (with retries).
+
+        ``x`` is a model input ``(C, H, W)``, or, with an image encoding, a
+        uint8 camera image ``(H, W, C)`` that the split's preprocessing turns
+        into one.
+        """
         t0 = time.perf_counter()
+        image = None
+        if self.encoding in IMAGE_FORMATS:
+            image = np.asarray(x)
+            if image.dtype != np.uint8:
+                raise ValueError(f"input {index}: encoding={self.encoding!r} uploads camera images: pass uint8 "
+                                 f"(H, W, C) pixels; got {image.dtype}.")
+            x = preprocess(image, self.manifest["input_shape"], self.manifest["preprocessing"])
         x = torch.as_tensor(x, dtype=torch.float32)
         if x.dim() == 4 and x.shape[0] == 1:
             x = x[0]
@@ -139,7 +167,10 @@ class EdgeRunner:
         record = EdgeRecord(index, accepted, float(score[0]), "", 0, 0.0, -1, int(label))
         if accepted:
             record.uploaded = self.upload
-            body = encode(payload if record.uploaded == "activations" else [x], self.encoding)
+            if image is not None:
+                body = encode_image(image, self.encoding, self.jpeg_quality)
+            else:
+                body = encode(payload if record.uploaded == "activations" else [x], self.encoding)
             self._upload(record, body)
         record.latency_ms = 1e3 * (time.perf_counter() - t0)
         return record
@@ -200,7 +231,7 @@ class EdgeRunner:
                 raise ValueError("resume=True needs the log of the earlier run.")
             done = {r.index: r for r in read_log(log) if r.status == "ok"} if Path(log).exists() else {}
         missing = object()
-        pairs = itertools.zip_longest(inputs, itertools.repeat(-1) if labels is None else labels, fillvalue=missing)
+        pairs = ((x, -1) for x in inputs) if labels is None else itertools.zip_longest(inputs, labels, fillvalue=missing)
         records = []
         out = None
         if log is not None:
@@ -242,16 +273,19 @@ def read_log(path):
     return records
 
 
-def read_inputs(source, mean=None, std=None):
+def read_inputs(source, mean=None, std=None, keep_uint8=False):
     """Inputs for the edge runner from an ``.npz`` file or a directory of images.
 
     An npz holds ``x`` (uint8 NHWC or float NCHW) and optionally ``y``; image
     files (PNG, JPEG, ...) are read with Pillow. uint8 pixels are scaled to
     [0, 1], then normalized with ``mean``/``std`` (per channel) when given.
 
+    With ``keep_uint8=True`` uint8 pixels come back as they are, ``(N, H, W,
+    C)`` (for image uploads, where the split's preprocessing applies).
+
     Returns
     -------
-    X : torch.Tensor of shape (N, C, H, W), float32
+    X : torch.Tensor of shape (N, C, H, W), float32 (or uint8 ndarray (N, H, W, C))
     y : ndarray of shape (N,) or None
     """
     source = Path(source)
@@ -271,6 +305,12 @@ def read_inputs(source, mean=None, std=None):
         data = np.load(source)
         x = data["x"]
         y = data["y"] if "y" in data else None
+    if keep_uint8:
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise ValueError(f"{source}: image uploads need uint8 images (N, H, W, C); got {x.dtype} {x.shape}.")
+        if y is not None and len(y) != len(x):
+            raise ValueError(f"{source}: y has {len(y)} labels for {len(x)} images.")
+        return x, y
     if x.dtype == np.uint8:
         X = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 if x.shape[-1] in (1, 3) else torch.from_numpy(x).float() / 255.0
     else:

@@ -12,10 +12,12 @@ Headers carry what the body cannot: ``X-Earlin-Batch`` (N),
 was cut for; activations of another model would be silently wrong).
 """
 
+import io
+
 import numpy as np
 import torch
 
-from ._constants import ENCODINGS
+from ._constants import ENCODINGS, IMAGE_FORMATS
 
 
 HEADER_BATCH = "X-Earlin-Batch"
@@ -99,3 +101,62 @@ def decode(body, shapes, batch, encoding):
             raise ValueError("the payload holds NaN or infinite values.")
         out.append(t)
     return out
+
+
+def preprocess(image, input_shape, preprocessing):
+    """A uint8 image ``(H, W, C)`` or ``(H, W)`` -> the model input ``(C, H, W)``: /255, then (x - mean) / std.
+
+    The one place that turns camera pixels into model inputs, for the edge
+    runner and the server alike; ``preprocessing`` is the split's (from
+    ``save_split(..., preprocessing={"mean": [...], "std": [...]})``).
+    """
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"images for upload are uint8 pixels; got {a.dtype}.")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    x = torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(torch.float32) / 255.0
+    if tuple(x.shape) != tuple(input_shape):
+        raise ValueError(f"the image is {a.shape[1]}x{a.shape[0]} with {a.shape[2]} channel(s); the model takes "
+                         f"{input_shape[2]}x{input_shape[1]} with {input_shape[0]}.")
+    mean = torch.tensor(preprocessing.get("mean", [0.0] * x.shape[0]), dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(preprocessing.get("std", [1.0] * x.shape[0]), dtype=torch.float32).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def encode_image(image, fmt, quality=90):
+    """A uint8 image ``(H, W, C)`` as PNG (lossless) or JPEG (``quality``) bytes, with Pillow."""
+    from PIL import Image
+
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"image format must be one of {IMAGE_FORMATS}; got {fmt!r}.")
+    a = np.asarray(image)
+    img = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG" if fmt == "png" else "JPEG", **({"quality": int(quality)} if fmt == "jpeg" else {}))
+    return buffer.getvalue()
+
+
+def decode_image(body, fmt, input_shape, preprocessing):
+    """The model input ``(1, C, H, W)`` from an uploaded image file; ValueError for anything else.
+
+    The header is read first: a file of another format, or larger than 16x
+    the model's input (a decompression bomb), is refused before its pixels
+    are decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(body))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"the body is not a readable image file: {exc}") from None
+    if img.format != ("PNG" if fmt == "png" else "JPEG"):
+        raise ValueError(f"the body is a {img.format} file; the {HEADER_ENCODING} header says {fmt}.")
+    c, h, w = input_shape
+    if img.size[0] * img.size[1] > 16 * h * w:
+        raise ValueError(f"the image is {img.size[0]}x{img.size[1]}; the model takes {w}x{h}.")
+    try:
+        pixels = np.asarray(img.convert("RGB" if c == 3 else "L"))
+    except (OSError, ValueError) as exc:  # truncated or corrupt pixel data
+        raise ValueError(f"the image file is damaged: {exc}") from None
+    return preprocess(pixels, input_shape, preprocessing)[None]

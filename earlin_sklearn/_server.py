@@ -9,10 +9,13 @@ import logging
 import secrets
 import time
 
+import numpy as np
+
 import torch
 
+from ._constants import IMAGE_FORMATS
 from ._export import load_split
-from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encoded_size
+from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, decode_image, encoded_size
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,9 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     Endpoints: ``GET /health`` (status, model version and the payload it
     expects); ``POST /v1/activations`` (body: the cut activations, see
     ``earlin_sklearn/_protocol.py``; runs the cloud part); ``POST /v1/raw``
-    (body: input images; runs the whole model, edge prefix then cloud part).
+    (body: input tensors, or one PNG/JPEG file with ``X-Earlin-Encoding:
+    png|jpeg`` when the split records its preprocessing; runs the whole
+    model, edge prefix then cloud part).
     Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...}``.
     Malformed requests get a 4xx with a message and the server keeps
     serving: 400 (bad batch header, body that does not fit), 401 (token),
@@ -81,7 +86,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     app = FastAPI(title="earlin cloud", version=version, docs_url="/docs" if show_docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if show_docs else None)
 
-    def check(request, body_len=None):
+    def check(request, images=False):
         if token is not None:
             got = request.headers.get("authorization", "")
             if not secrets.compare_digest(got.encode(), f"Bearer {token}".encode()):
@@ -93,14 +98,20 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         if not secrets.compare_digest(sent_version.encode(), version.encode()):
             raise HTTPException(409, f"payload is for model version {sent_version}; this server runs {version}")
         encoding = request.headers.get(HEADER_ENCODING, "float32")
-        if encoding not in ENCODINGS:
-            raise HTTPException(415, f"{HEADER_ENCODING} must be one of {list(ENCODINGS)}; got {encoding!r}")
+        allowed = ENCODINGS + (IMAGE_FORMATS if images else ())
+        if encoding not in allowed:
+            raise HTTPException(415, f"{HEADER_ENCODING} must be one of {list(allowed)}; got {encoding!r}")
+        if encoding in IMAGE_FORMATS and manifest.get("preprocessing") is None:
+            raise HTTPException(415, "this split records no preprocessing (save_split(..., preprocessing=...)), so "
+                                     "the server cannot turn an image file into a model input; upload tensors")
         try:
             batch = int(request.headers.get(HEADER_BATCH, "1"))
         except ValueError:
             raise HTTPException(400, f"{HEADER_BATCH} must be an integer") from None
         if not 1 <= batch <= max_batch:
             raise HTTPException(400, f"{HEADER_BATCH} must be in [1, {max_batch}]; got {batch}")
+        if encoding in IMAGE_FORMATS and batch != 1:
+            raise HTTPException(400, f"an image file holds one input: {HEADER_BATCH} must be 1; got {batch}")
         return encoding, batch
 
     async def read_body(request, expected):
@@ -141,11 +152,18 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             raise HTTPException(422, f"the cloud part gave non-finite outputs for inputs {bad[:10]} of this request")
         return logits.argmax(dim=1).tolist(), 1e3 * (time.perf_counter() - t0)
 
-    async def handle(request, shapes, compute):
-        encoding, batch = check(request)
-        body = await read_body(request, encoded_size(shapes, batch, encoding))
+    # an image file of the model's input size is at most about its raw pixels; allow headers and bad compression
+    max_image_bytes = 2 * int(np.prod(input_shape)) + 65536
+
+    async def handle(request, shapes, compute, images=False):
+        encoding, batch = check(request, images)
+        is_image = encoding in IMAGE_FORMATS
+        body = await read_body(request, max_image_bytes if is_image else encoded_size(shapes, batch, encoding))
         try:
-            tensors = decode(body, shapes, batch, encoding)
+            if is_image:
+                tensors = [decode_image(body, encoding, input_shape, manifest["preprocessing"])]
+            else:
+                tensors = decode(body, shapes, batch, encoding)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         predictions, ms = await run_in_threadpool(compute, tensors)
@@ -161,7 +179,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
 
     @app.post("/v1/raw")
     async def raw(request: Request):
-        return await handle(request, [input_shape], lambda t: predict(t, raw=True))
+        return await handle(request, [input_shape], lambda t: predict(t, raw=True), images=True)
 
     return app
 

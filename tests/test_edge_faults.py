@@ -201,3 +201,11 @@ def test_bad_streams_are_errors_not_silent(deployment, tmp_path):
     with pytest.warns(UserWarning, match="notes.txt is skipped"):
         X_dir, _ = read_inputs(tmp_path / "imgs")
     assert X_dir.shape == (1, 3, 12, 12)  # TIFF is read, not skipped
+
+
+def test_unlabelled_streams_run_to_their_end(deployment):
+    X, _ = id_stream(5)
+    runner, _ = runner_with(deployment, [])
+    with runner:
+        records = runner.run(iter(X))
+    assert [r.index for r in records] == list(range(5)) and all(r.label == -1 for r in records)

@@ -1,0 +1,124 @@
+"""Raw uploads as image files: the split carries its preprocessing, the server decodes PNG/JPEG with Pillow,
+the edge runner uploads the camera image."""
+
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from earlin_sklearn import EdgeRunner, ShallowFeatureOODDetector, save_split  # noqa: E402
+from earlin_sklearn._protocol import decode_image, encode_image, preprocess  # noqa: E402
+from earlin_sklearn._server import create_cloud_app  # noqa: E402
+
+from .conftest import make_tiny_cnn  # noqa: E402
+from .test_serving import free_port  # noqa: E402
+
+PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
+SHAPE = (3, 12, 12)
+
+
+def camera_images(n, seed=0):
+    """Smooth uint8 images (so that JPEG keeps them close)."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(40, 215, (n, 1, 1, 3))
+    ramp = np.linspace(-30, 30, 12)[None, :, None, None] + np.linspace(-20, 20, 12)[None, None, :, None]
+    return np.clip(base + ramp * rng.uniform(0.5, 1.5, (n, 1, 1, 1)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = make_tiny_cnn()
+    images = camera_images(120)
+    X = torch.stack([preprocess(im, SHAPE, PRE) for im in images]).numpy()
+    det = ShallowFeatureOODDetector(model, "layer1", device="cpu").fit(X, np.arange(120) % 3)
+    split_dir = tmp_path_factory.mktemp("split")
+    save_split(*det.export_split(), split_dir, torch.from_numpy(X[:4]), formats=("pt2",), preprocessing=PRE)
+    bare = tmp_path_factory.mktemp("bare")  # the same split without its preprocessing
+    save_split(*det.export_split(), bare, torch.from_numpy(X[:4]), formats=("pt2",))
+    servers, urls = [], {}
+    for name, directory in (("split", split_dir), ("bare", bare)):
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_cloud_app(directory), host="127.0.0.1", port=port,
+                                               log_level="critical"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.02)
+        servers.append((server, thread))
+        urls[name] = f"http://127.0.0.1:{port}"
+    yield {"model": model, "det": det, "dir": split_dir, "bare": bare, "urls": urls}
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def headers(directory, encoding):
+    version = json.loads((directory / "split.json").read_text())["version"]
+    return {"X-Earlin-Version": version, "X-Earlin-Encoding": encoding}
+
+
+def test_png_round_trip_is_exact():
+    image = camera_images(1)[0]
+    x = decode_image(encode_image(image, "png"), "png", SHAPE, PRE)
+    torch.testing.assert_close(x[0], preprocess(image, SHAPE, PRE))
+
+
+def test_runner_uploads_camera_images_and_gets_the_models_answers(served, tmp_path):
+    images = camera_images(30, seed=5)
+    with torch.no_grad():
+        full = served["model"](torch.stack([preprocess(im, SHAPE, PRE) for im in images])).argmax(1).numpy()
+    for encoding in ("png", "jpeg"):
+        with EdgeRunner(served["dir"], served["urls"]["split"], encoding=encoding) as runner:
+            records = runner.run(images, log=tmp_path / f"{encoding}.jsonl")
+        uploaded = [r for r in records if r.uploaded]
+        assert uploaded and all(r.uploaded == "raw" and r.status == "ok" for r in uploaded)
+        agree = np.mean([r.prediction == full[r.index] for r in uploaded])
+        if encoding == "png":
+            assert agree == 1.0  # lossless: exactly the in-process model
+            assert all(r.bytes_sent < images[0].nbytes * 4 for r in uploaded)  # a file, not a float32 tensor
+        else:
+            assert agree >= 0.9, agree
+
+
+@pytest.mark.parametrize("case", ["garbage", "truncated", "wrong size", "gif", "format mismatch", "batch 2"])
+def test_bad_image_files_get_a_4xx(served, case):
+    image = camera_images(1)[0]
+    h = headers(served["dir"], "png")
+    body = encode_image(image, "png")
+    if case == "garbage":
+        body = b"\x89PNG\r\n\x1a\n" + b"\0" * 50
+    elif case == "truncated":
+        body = body[: len(body) // 2]
+    elif case == "wrong size":
+        body = encode_image(np.zeros((20, 20, 3), np.uint8), "png")
+    elif case == "gif":
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="GIF")
+        body = buffer.getvalue()
+    elif case == "format mismatch":
+        body = encode_image(image, "jpeg")
+    else:
+        h["X-Earlin-Batch"] = "2"
+    r = httpx.post(served["urls"]["split"] + "/v1/raw", content=body, headers=h)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert r.json()["detail"]
+
+
+def test_images_need_the_splits_preprocessing(served):
+    r = httpx.post(served["urls"]["bare"] + "/v1/raw", content=encode_image(camera_images(1)[0], "png"),
+                   headers=headers(served["bare"], "png"))
+    assert r.status_code == 415 and "preprocessing" in r.json()["detail"]
+    r = httpx.post(served["urls"]["split"] + "/v1/activations", content=b"x", headers=headers(served["dir"], "png"))
+    assert r.status_code == 415  # activations are tensors, never image files
+    with pytest.raises(ValueError, match="preprocessing"):
+        EdgeRunner(served["bare"], served["urls"]["bare"], encoding="png")
