@@ -22,13 +22,15 @@ setup(
     packages=find_packages(include=["earlin_sklearn", "earlin_sklearn.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "numpy>=1.23",
-        "scipy>=1.9",
-        "scikit-learn>=1.6",
+        # floors tested by .ci/oldest: scikit-learn 1.6's Yeo-Johnson fit fails on some
+        # features; torch < 2.8 cannot export the split (torch.export with a dynamic batch)
+        "numpy>=1.26",
+        "scipy>=1.13",
+        "scikit-learn>=1.7",
         # torch and torchvision must come as a matching pair (torchvision's C++ ops are
         # built against one torch release); pip resolves the pair from these ranges.
-        "torch>=2.2",
-        "torchvision>=0.17",
+        "torch>=2.8",
+        "torchvision>=0.23",
         "joblib>=1.2",
         # progress bars on long loops (verbose > 0)
         "tqdm>=4.60",

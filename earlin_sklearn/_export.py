@@ -246,10 +246,12 @@ def check_code_free_pt2(path, data=None):
     would unpickle anything.
 
     torch.export.load unpickles (with ``weights_only=False``) weights or
-    constants marked ``use_pickle``, custom and opaque objects, and sample
-    inputs that ``weights_only`` loading refuses. This check allows only the
-    members torch.export.save writes for plain tensors, and reads their
-    configs without unpickling anything.
+    constants marked ``use_pickle``, custom and opaque objects, and any
+    ``torch.save`` member (sample inputs; the weights themselves in torch
+    2.8 and older archives) that ``weights_only`` loading refuses. This check
+    allows only the members torch.export.save writes for plain tensors, reads
+    their configs without unpickling anything, and requires every ``.pt``
+    member to load with ``weights_only=True``.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data) if data is not None else path)
@@ -272,7 +274,7 @@ def check_code_free_pt2(path, data=None):
                         raise SplitVerificationError(
                             f"{path}: {entry!r} is stored as a pickle or a custom object, which loading would "
                             "execute; refusing it. save_split writes plain tensors only.")
-            elif member.startswith("data/sample_inputs/"):
+            elif member.endswith(".pt"):  # torch.save archives (sample inputs; weights/constants in older torch)
                 try:  # the restricted unpickler: no code; torch itself would fall back to a full unpickle
                     torch.load(io.BytesIO(archive.read(name)), weights_only=True)
                 except Exception:
