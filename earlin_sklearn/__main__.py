@@ -39,6 +39,8 @@ def main(argv=None):
                        help="require 'Authorization: Bearer TOKEN' (default: $EARLIN_TOKEN, or none)")
     serve.add_argument("--max-bytes", type=int, default=64 * 2**20,
                        help="largest request body (also capped at the largest valid body)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a client may take to send a request's headers (slow-loris clients)")
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     for sub_parser in (serve,):
@@ -92,7 +94,7 @@ def main(argv=None):
         if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
             parser.error("--ssl-certfile and --ssl-keyfile go together")
         serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key,
-              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, header_timeout=args.header_timeout)
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")

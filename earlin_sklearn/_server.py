@@ -195,8 +195,53 @@ def warm_up(edge, cloud, input_shape):
                          "Export a backbone whose forward() returns logits.")
 
 
+def header_timeout_protocol(seconds):
+    """uvicorn's h11 protocol with a deadline for request headers (uvicorn has none: slow-loris clients).
+
+    A connection that has not sent a request's complete headers ``seconds``
+    after it opened, or after its previous response, is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self):
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            self._header_timer = None
+
+        def _expire(self):
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:  # no request under way: headers too slow
+                logger.info("closing a connection that sent no complete request headers in %s s", seconds)
+                self.transport.close()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # headers complete: the body has its own deadline (body_timeout)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
+
+
 def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None,
-          ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5):
+          ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5, header_timeout=10.0):
     """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key."""
     from ._optional import require
 
@@ -204,4 +249,4 @@ def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_
 
     app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                timeout_keep_alive=timeout_keep_alive)
+                timeout_keep_alive=timeout_keep_alive, http=header_timeout_protocol(header_timeout))

@@ -81,3 +81,30 @@ def test_a_backbone_whose_output_cannot_be_served_is_refused_at_export(tmp_path)
     det = ShallowFeatureOODDetector(_DictOut(), "conv", device="cpu").fit(X, y)
     with pytest.raises(ValueError, match="returns dict, not a tensor"):
         save_split(*det.export_split(), tmp_path, torch.from_numpy(X[:4]), formats=("pt2",))
+
+
+def test_slow_headers_are_cut_off(split_dir):
+    from earlin_sklearn._server import header_timeout_protocol
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_cloud_app(split_dir), host="127.0.0.1", port=port,
+                                           log_level="critical", http=header_timeout_protocol(0.5)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.02)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/activations HTTP/1.1\r\nHost: x\r\n")  # and the headers never end
+            t0 = time.time()
+            assert sock.recv(100) == b""  # closed by the server...
+            assert time.time() - t0 < 5  # ...after the header deadline, not never
+        # a normal client on the same server, with keep-alive across requests, is served
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(3):
+                assert client.get("/health").status_code == 200
+                time.sleep(0.3)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
