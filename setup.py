@@ -40,7 +40,7 @@ setup(
     extras_require={
         # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests
         "test": ["pytest>=7", "hypothesis>=6", "sphinx>=7", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15",
-                 "sphinx-gallery>=0.16", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
+                 "sphinx-gallery>=0.16", "myst-parser>=2", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
                  "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         # the cloud server and the edge runner (earlin serve-cloud / run-edge)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
@@ -49,7 +49,7 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.6"],
         "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0.15", "sphinx-gallery>=0.16",
-                 "onnx>=1.16", "onnxscript>=0.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+                 "myst-parser>=2", "onnx>=1.16", "onnxscript>=0.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["earlin=earlin_sklearn.__main__:main"]},
     classifiers=[

@@ -20,12 +20,14 @@ extensions = [
     "sphinx.ext.intersphinx",
     "numpydoc",
     "sphinx_gallery.gen_gallery",
+    "myst_parser",  # the benchmark scripts write markdown tables; the docs render them as tables
 ]
+source_suffix = {".rst": "restructuredtext"}
 autosummary_generate = True
 templates_path = ["_templates"]
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
-exclude_patterns = ["_build", "generated/*.examples"]
+exclude_patterns = ["_build", "generated/*.examples", "**/README.md"]
 html_theme = "pydata_sphinx_theme"
 html_theme_options = {"navigation_depth": 2, "show_toc_level": 2}
 html_title = f"earlin_sklearn {release}"
@@ -54,3 +56,4 @@ nitpick_ignore_regex = [
                  r"callable|iterable.*|shape.*|of|or|str|int|float|bool|dict|list|tuple|Path|None|object|"
                  r"bytes|sequence.*|.*Dataset.*|.*DataLoader.*|\{.*\}|\".*\"|'.*'|.*\(.*\).*|.*fx\..*)"),
 ]
+suppress_warnings = ["myst.header"]  # the results files start at "##"; they are included inside a page
