@@ -106,6 +106,19 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     -------
     paths : dict
         ``{"edge.pt2": Path, ..., "manifest": Path}``.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> folder = tempfile.mkdtemp()
+    >>> paths = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
+    >>> manifest, edge, cloud = load_split(folder)  # verified: hashes, version, no pickles
+    >>> manifest["cut"]["layer"], len(manifest["version"])
+    ('layer1', 64)
     """
     if preprocessing is not None and not isinstance(preprocessing, dict):
         raise TypeError(f"preprocessing must be a dict (e.g. {{'mean': [...], 'std': [...]}}); got {type(preprocessing).__name__}.")

@@ -132,6 +132,18 @@ def save_detector(estimator, directory, *, include_weights=True):
     Returns
     -------
     directory : Path
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector, load_detector, save_detector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32).numpy()
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> folder = save_detector(det, tempfile.mkdtemp())
+    >>> loaded = load_detector(folder, backbone=cifar_resnet(20))  # the architecture; weights come from the file
+    >>> bool(np.array_equal(loaded.score_samples(X), det.score_samples(X)))
+    True
     """
     from safetensors.torch import save as save_tensors
     from sklearn.utils.validation import check_is_fitted
@@ -175,6 +187,7 @@ def _modules(estimator):
 
 
 def load_detector(directory, backbone):
+
     """Load an estimator written by :func:`save_detector`; nothing in the files is executed.
 
     Parameters

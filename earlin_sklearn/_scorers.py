@@ -78,6 +78,15 @@ def make_pseudo_ood(X, kind, random_state=None):
     Returns
     -------
     X_pseudo : ndarray, same shape and float dtype as ``X``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from earlin_sklearn import make_pseudo_ood
+    >>> X = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    >>> shuffled = make_pseudo_ood(X, "shuffle", random_state=0)
+    >>> shuffled.shape, bool(np.allclose(np.sort(shuffled[0, 0].ravel()), np.sort(X[0, 0].ravel())))
+    ((4, 3, 8, 8), True)
     """
     X = _as_numpy(X)
     X = X.astype(X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32)
@@ -155,6 +164,17 @@ def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0):
     Returns
     -------
     scorer : callable ``scorer(estimator, X, y=None) -> float``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.model_selection import GridSearchCV
+    >>> from earlin_sklearn import DistanceDetector, make_pseudo_ood_scorer
+    >>> X = np.random.default_rng(0).normal(size=(90, 6))
+    >>> search = GridSearchCV(DistanceDetector(), {"metric": ["euclidean", "mahalanobis"]},
+    ...                       scoring=make_pseudo_ood_scorer(), cv=3).fit(X)
+    >>> sorted(search.best_params_)
+    ['metric']
     """
     unknown = set(kinds) - set(PSEUDO_OOD)
     if unknown or not kinds:

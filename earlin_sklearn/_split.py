@@ -131,6 +131,18 @@ def split_model(backbone, layer, extra_layers=(), example=None):
         the tensors that cross the cut, in execution order.
     cloud : torch.fx.GraphModule
         ``cloud(*crossing)`` returns the original model's output.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from earlin_sklearn import split_model
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> model = cifar_resnet(20).eval()
+    >>> edge, cloud = split_model(model, "layer1")
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> activation, *crossing = edge(x)
+    >>> torch.allclose(cloud(*crossing), model(x), atol=1e-5)
+    True
     """
     get_layer(backbone, layer)
     extra_layers = list(extra_layers)

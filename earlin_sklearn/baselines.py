@@ -68,6 +68,16 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
     model_ : torch.nn.Module
     offset_ : float
     n_features_in_ : int
+
+    Examples
+    --------
+    >>> import torch
+    >>> from earlin_sklearn.baselines import LogitDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32).numpy()
+    >>> energy = LogitDetector(cifar_resnet(20), "energy", device="cpu").fit(X)
+    >>> round(float((energy.predict(X) == 1).mean()), 2)  # the threshold accepts 95% of the ID data
+    0.95
     """
 
     _torch_modules = ("model_",)
@@ -195,6 +205,15 @@ class KNNDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         Threshold, set on leave-one-out scores of the training data (a
         training sample is not its own neighbour).
     n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from earlin_sklearn.baselines import KNNDetector
+    >>> X = np.random.default_rng(0).normal(size=(200, 8))
+    >>> knn = KNNDetector(k=10, normalize=False).fit(X)
+    >>> knn.predict(X[:3] + 100).tolist()  # far from every ID sample: OOD
+    [-1, -1, -1]
     """
 
     _parameter_constraints = {
