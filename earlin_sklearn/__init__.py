@@ -25,6 +25,8 @@ _EXPORTS = {
     "EdgeRunner": "._edge_runner",
     "LayerRecommendation": "._layer_choice",
     "ShallowFeatureOODDetector": "._detector",
+    "TwoStageDetector": "._two_stage",
+    "CloudHead": "._two_stage",
     "SplitCost": "._cost",
     "SplitVerificationError": ".exceptions",
     "available_split_points": "._split",

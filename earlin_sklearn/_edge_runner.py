@@ -40,6 +40,7 @@ class EdgeRecord:
     status: str = "ok"  # "ok", or "failed" (the upload failed after every retry; `error` says why)
     error: str = ""
     attempts: int = 0  # HTTP requests made for this input
+    cloud_is_id: object = None  # the cloud stage's verdict (TwoStageDetector splits); None without one
 
 
 class CloudRefused(RuntimeError):
@@ -186,7 +187,10 @@ class EdgeRunner:
                 record.error = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code == 200:
-                    record.prediction, record.bytes_sent, record.error = int(response.json()["predictions"][0]), len(body), ""
+                    answer = response.json()
+                    record.prediction, record.bytes_sent, record.error = int(answer["predictions"][0]), len(body), ""
+                    if "cloud_is_id" in answer:
+                        record.cloud_is_id = bool(answer["cloud_is_id"][0])
                     return
                 detail = response.text[:200]
                 if response.status_code in FATAL_STATUS:

@@ -17,6 +17,7 @@ from the files.
 
 import hashlib
 import hmac
+import inspect
 import io
 import json
 import re
@@ -134,14 +135,20 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     with torch.no_grad():
         outs = flat(x)
     payload = outs[2:]
+    # a CloudModule exports its graph; a cloud part with its own detector (CloudHead) exports whole
+    cloud_module = cloud.suffix if type(cloud).__name__ == "CloudModule" else cloud
     with torch.no_grad():
-        cloud_out = cloud.suffix(*payload)
-    if not isinstance(cloud_out, torch.Tensor):
+        cloud_out = cloud_module(*payload)
+    two_stage = isinstance(cloud_out, tuple) and len(cloud_out) == 3
+    if not (isinstance(cloud_out, torch.Tensor) or two_stage):
         raise ValueError(f"The cloud part returns {type(cloud_out).__name__}, not a tensor: the cloud server answers "
                          "from a logits tensor. Wrap the backbone so that forward() returns the logits.")
+    cloud_outputs = ["logits", "cloud_score", "cloud_is_id"] if two_stage else ["output"]
     batch = torch.export.Dim("batch", min=1)
     edge_shapes = ({0: batch},)
     cloud_shapes = tuple({0: batch} for _ in payload)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(cloud_module.forward).parameters.values()):
+        cloud_shapes = (cloud_shapes,)  # forward(*payload): torch.export sees one tuple argument
     input_names = ["x"]
     edge_outputs = ["is_id", "score", *[f"payload_{i}" for i in range(len(payload))]]
     cloud_inputs = [f"payload_{i}" for i in range(len(payload))]
@@ -149,7 +156,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     if "pt2" in formats:
         for name, module, args, shapes in (
             ("edge", flat, (x,), edge_shapes),
-            ("cloud", cloud.suffix, tuple(payload), cloud_shapes),
+            ("cloud", cloud_module, tuple(payload), cloud_shapes),
         ):
             program = torch.export.export(module, args, dynamic_shapes=shapes)
             paths[f"{name}.pt2"] = directory / f"{name}.pt2"
@@ -163,7 +170,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
             warnings.simplefilter("ignore", UserWarning)
             for name, module, args, shapes, ins, outs_ in (
                 ("edge", flat, (x,), edge_shapes, input_names, edge_outputs),
-                ("cloud", cloud.suffix, tuple(payload), cloud_shapes, cloud_inputs, ["output"]),
+                ("cloud", cloud_module, tuple(payload), cloud_shapes, cloud_inputs, cloud_outputs),
             ):
                 paths[f"{name}.onnx"] = directory / f"{name}.onnx"
                 torch.onnx.export(
@@ -172,7 +179,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
                 )
     x1 = x[:1]
     edge_flops = count_flops(flat, x1)
-    cloud_flops = count_flops(cloud.suffix, *[p[:1] for p in payload])
+    cloud_flops = count_flops(cloud_module, *[p[:1] for p in payload])
     payload_spec = [
         {"name": n, "shape": list(p.shape[1:]), "dtype": str(p.dtype).replace("torch.", "")}
         for n, p in zip(cloud_inputs, payload)
@@ -188,6 +195,8 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
         "layout": edge.layout,
         "metric": edge.head.metric,
         "offset": float(edge.head.offset),
+        "cloud_detector": {"method": cloud.method, "offset": float(cloud.offset), "temperature": cloud.temperature}
+        if two_stage else None,
         "payload": payload_spec,
         "flops": {"edge": edge_flops, "cloud": cloud_flops, "full": edge_flops + cloud_flops},
         "files": {name: _file_sha256(path) for name, path in sorted(paths.items())},

@@ -144,13 +144,18 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         with torch.inference_mode():
             if raw:  # the whole model: the edge prefix (the detector's outputs are ignored), then the cloud part
                 _, _, *tensors = edge(tensors[0])
-            logits = cloud(*tensors)
+            out = cloud(*tensors)
+        logits, verdict = (out[0], out[1:]) if isinstance(out, (tuple, list)) else (out, None)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise HTTPException(500, "the cloud part does not return (N, classes) logits")
         bad = (~torch.isfinite(logits).all(dim=1)).nonzero().flatten().tolist()
         if bad:  # an overflowing payload: never answer a class computed from inf/NaN
             raise HTTPException(422, f"the cloud part gave non-finite outputs for inputs {bad[:10]} of this request")
-        return logits.argmax(dim=1).tolist(), 1e3 * (time.perf_counter() - t0)
+        answer = {"predictions": logits.argmax(dim=1).tolist(), "cloud_ms": 1e3 * (time.perf_counter() - t0)}
+        if verdict is not None:  # the cloud stage's detector (TwoStageDetector): its verdict and score per input
+            answer["cloud_is_id"] = verdict[1].tolist()
+            answer["cloud_score"] = verdict[0].tolist()
+        return answer
 
     # an image file of the model's input size is at most about its raw pixels; allow headers and bad compression
     max_image_bytes = 2 * int(np.prod(input_shape)) + 65536
@@ -166,8 +171,8 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
                 tensors = decode(body, shapes, batch, encoding)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        predictions, ms = await run_in_threadpool(compute, tensors)
-        return {"predictions": predictions, "cloud_ms": ms, "version": version}
+        answer = await run_in_threadpool(compute, tensors)
+        return {**answer, "version": version}
 
     @app.get("/health")
     def health():
@@ -189,6 +194,8 @@ def warm_up(edge, cloud, input_shape):
     with torch.inference_mode():
         _, _, *payload = edge(torch.zeros((2, *input_shape)))
         out = cloud(*payload)
+    if isinstance(out, (tuple, list)) and len(out) == 3:  # logits, then the cloud detector's score and verdict
+        out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         kind = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
         raise ValueError(f"The cloud part returns {kind}; the server answers classes from (N, classes) logits. "

@@ -2,7 +2,8 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from earlin_sklearn import BackboneFeatures, ChannelSelector, DistanceDetector, ShallowFeatureOODDetector
+from earlin_sklearn import (BackboneFeatures, ChannelSelector, DistanceDetector, ShallowFeatureOODDetector,
+                            TwoStageDetector)
 from earlin_sklearn.baselines import KNNDetector, LogitDetector
 
 from .conftest import AnyInputClassifier, AnyInputNet
@@ -21,6 +22,7 @@ ESTIMATORS = [
     LogitDetector(AnyInputClassifier().double(), method="odin", temperature=10.0, device="cpu"),
     LogitDetector(AnyInputClassifier().double(), method="energy", device="cpu"),
     KNNDetector(k=3),
+    TwoStageDetector(ShallowFeatureOODDetector(AnyInputClassifier().double(), layer="act", device="cpu")),
 ]
 
 
@@ -41,7 +43,7 @@ FLOAT32_BATCHES = (
 
 def expected_failed_checks(estimator):
     failed = {}
-    if isinstance(estimator, (BackboneFeatures, ShallowFeatureOODDetector, LogitDetector)):
+    if isinstance(estimator, (BackboneFeatures, ShallowFeatureOODDetector, LogitDetector, TwoStageDetector)):
         failed["check_estimators_overwrite_params"] = TORCH_PARAM_HASH
     if isinstance(estimator, ShallowFeatureOODDetector) and next(estimator.backbone.parameters()).dtype.itemsize == 4:
         failed["check_methods_subset_invariance"] = FLOAT32_BATCHES

@@ -1,0 +1,174 @@
+"""Two-stage detection: the shallow detector on the edge (far OOD), a logit detector in the cloud (near OOD).
+
+The cloud computes the full model for every uploaded input anyway; a detector
+on its logits costs next to nothing there and sees what the shallow layer
+cannot. The overall acceptance budget is split between the stages:
+``target_tpr = edge TPR * cloud TPR`` with ``edge TPR = target_tpr **
+edge_share``. Both thresholds are set on ID data only.
+"""
+
+from numbers import Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ._detector import ShallowFeatureOODDetector
+from ._threshold import ThresholdMixin
+from .baselines import LogitDetector
+
+CLOUD_METHODS = ("energy", "msp", "maxlogit")  # logit scores that need no input gradient (ODIN does)
+
+
+def logit_score(logits, method, temperature=1.0):
+    """The cloud stage's score of ``(N, classes)`` logits (higher = more ID), in float64."""
+    z = logits.to(torch.float64)
+    if method == "energy":
+        return temperature * torch.logsumexp(z / temperature, dim=1)
+    if method == "msp":
+        return torch.softmax(z / temperature, dim=1).amax(dim=1)
+    if method == "maxlogit":
+        return z.amax(dim=1)
+    raise ValueError(f"method must be one of {CLOUD_METHODS}; got {method!r}.")
+
+
+class CloudHead(nn.Module):
+    """The cloud part with its detector: ``cloud(*payload) -> (logits, score, is_id)``.
+
+    Parameters
+    ----------
+    suffix : torch.fx.GraphModule
+        The cloud part of the split (see :func:`split_model`).
+    method : {"energy", "msp", "maxlogit"}
+    offset : float
+        The cloud stage's threshold (``score >= offset`` is ID).
+    temperature : float, default=1.0
+    """
+
+    def __init__(self, suffix, method, offset, temperature=1.0):
+        super().__init__()
+        self.suffix = suffix
+        self.method = method
+        self.temperature = float(temperature)
+        self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
+
+    def forward(self, *payload):
+        if len(payload) == 1 and isinstance(payload[0], (tuple, list)):
+            payload = tuple(payload[0])
+        logits = self.suffix(*payload)
+        score = logit_score(logits, self.method, self.temperature)
+        return logits, score, score >= self.offset
+
+
+class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+    """EARLIN on the edge and a logit detector in the cloud, fitted together on ID data.
+
+    An input is ID when both stages accept it: the edge rejects far OOD
+    before anything is uploaded, the cloud rejects what gets through (near
+    OOD) from the logits it computes anyway.
+
+    Parameters
+    ----------
+    edge : ShallowFeatureOODDetector
+        The edge stage (unfitted; cloned). Its ``backbone`` is the model the
+        cloud stage reads logits from.
+    cloud_method : {"energy", "msp", "maxlogit"}, default="energy"
+    target_tpr : float, default=0.95
+        Overall fraction of ID inputs accepted by both stages.
+    edge_share : float, default=0.5
+        How the budget is split: the edge accepts ``target_tpr **
+        edge_share`` of the ID data and the cloud ``target_tpr ** (1 -
+        edge_share)``; 1 puts all rejections on the edge.
+
+    Attributes
+    ----------
+    edge_ : ShallowFeatureOODDetector
+    cloud_ : LogitDetector
+    offset_ : float
+        0: ``score_samples`` is the smaller of the two stages' margins.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(60, 3, 32, 32).numpy()
+    >>> two = TwoStageDetector(ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu")).fit(
+    ...     X, np.arange(60) % 3)
+    >>> round(two.edge_.target_tpr, 4), round(two.cloud_.target_tpr, 4)
+    (0.9747, 0.9747)
+    """
+
+    _parameter_constraints = {
+        "edge": [ShallowFeatureOODDetector],
+        "cloud_method": [StrOptions(set(CLOUD_METHODS))],
+        "target_tpr": [Interval(Real, 0, 1, closed="right")],
+        "edge_share": [Interval(Real, 0, 1, closed="both")],
+    }
+
+    def __init__(self, edge, cloud_method="energy", target_tpr=0.95, edge_share=0.5):
+        self.edge = edge
+        self.cloud_method = cloud_method
+        self.target_tpr = target_tpr
+        self.edge_share = edge_share
+
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y=None):
+        """Fit both stages on the same ID data.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+        y : array-like of shape (N,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        edge_tpr = self.target_tpr ** self.edge_share
+        cloud_tpr = self.target_tpr ** (1.0 - self.edge_share)
+        self.edge_ = clone(self.edge).set_params(target_tpr=edge_tpr).fit(X, y)
+        self.cloud_ = LogitDetector(self.edge.backbone, self.cloud_method, target_tpr=cloud_tpr,
+                                    batch_size=self.edge.batch_size, device=self.edge.device,
+                                    n_threads=self.edge.n_threads).fit(X)
+        self.n_features_in_ = self.edge_.n_features_in_
+        self.offset_ = 0.0
+        return self
+
+    def score_samples(self, X):
+        """The smaller of the two stages' margins (``score - offset``): >= 0 only when both accept.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+
+        Returns
+        -------
+        scores : ndarray of shape (N,)
+        """
+        check_is_fitted(self)
+        return np.minimum(self.edge_.decision_function(X), self.cloud_.decision_function(X))
+
+    def export_split(self):
+        """``(edge, cloud)``: the edge module of the edge stage, and the cloud part with its detector.
+
+        Returns
+        -------
+        edge : EdgeModule
+        cloud : CloudHead
+            ``cloud(*payload)`` returns ``(logits, score, is_id)``.
+        """
+        check_is_fitted(self)
+        edge, cloud = self.edge_.export_split()
+        temperature = self.cloud_.temperature if self.cloud_.temperature is not None else 1.0
+        head = CloudHead(cloud.suffix, self.cloud_method, self.cloud_.offset_, temperature)
+        return edge, head.eval().requires_grad_(False)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.target_tags.required = False
+        return tags
