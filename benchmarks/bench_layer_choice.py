@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import FAR_OOD, MODELS, TITLES, load_model, load_sets, machine, write_json  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, recommend_layer  # noqa: E402
-from earlin_sklearn._layer_choice import default_candidates, pick  # noqa: E402
+from earlin_sklearn._layer_choice import pick  # noqa: E402
 from earlin_sklearn.metrics import auroc, tnr_at_tpr  # noqa: E402
 
 

@@ -39,7 +39,7 @@ from bench_collab import free_port  # noqa: E402
 from common import machine  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # noqa: E402
-from earlin_sklearn._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encode  # noqa: E402
+from earlin_sklearn._protocol import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encode  # noqa: E402
 from earlin_sklearn.models import cifar_resnet  # noqa: E402
 
 TOKEN = "bench-token"
