@@ -123,6 +123,20 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
     Returns
     -------
     cost : SplitCost
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> from earlin_sklearn import collaborative_cost, split_cost
+    >>> cost = split_cost(*det.export_split(), X[:8])
+    >>> cost.payload_float32_bytes  # layer1 of ResNet-20: 16 x 32 x 32 float32 values per input
+    65536
+    >>> collaborative_cost(cost, ood_fraction=0.5, tpr=0.95, tnr=0.9).cheapest("bytes_per_input")
+    'EARLIN, raw input (uint8)'
     """
     X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
     x1 = X[:1]
@@ -234,6 +248,19 @@ def collaborative_cost(
     Returns
     -------
     comparison : CostComparison
+
+    Examples
+    --------
+    See :func:`split_cost` for a ``SplitCost``; then
+    ``print(collaborative_cost(cost, ood_fraction=0.3, tpr=0.95, tnr=0.9))``
+    prints the table of the three strategies.
+
+    >>> from earlin_sklearn import SplitCost, collaborative_cost
+    >>> cost = SplitCost(edge_params=0, cloud_params=0, detector_values=0, edge_flops=10**6, detector_flops=0,
+    ...                  cloud_flops=9 * 10**6, full_flops=10**7, raw_uint8_bytes=3072, raw_float32_bytes=12288,
+    ...                  payload_float32_bytes=65536, payload_float16_bytes=32768, payload_int8_bytes=16392)
+    >>> round(collaborative_cost(cost, 0.5, 0.95, 0.9).strategies[2].upload_fraction, 3)
+    0.525
     """
     raw_bytes = {"uint8": cost.raw_uint8_bytes, "float32": cost.raw_float32_bytes}[raw]
     payload_bytes = {

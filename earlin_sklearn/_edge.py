@@ -52,6 +52,19 @@ class DetectorHead(nn.Module):
     gaussianize : sklearn.preprocessing.PowerTransformer, default=None
         A fitted Yeo-Johnson transform applied to the pooled features before
         selection (its lambdas and standardization become tensors).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> edge, _ = det.export_split()
+    >>> head = edge.head  # a DetectorHead: the fitted steps as tensors
+    >>> pooled = edge.pooled(edge.taps_and_crossing(X[:4])[0])
+    >>> bool(torch.allclose(head(pooled), torch.as_tensor(det.score_samples(X[:4])), atol=1e-6))
+    True
     """
 
     def __init__(self, channels, centroids, whitening, metric, offset, n_pooled=None, gaussianize=None):
@@ -136,6 +149,18 @@ class EdgeModule(nn.Module):
         Number of extra taps the prefix returns after the activation.
     layout : {"channels", "tokens", "tokens+cls", "auto"}, default="channels"
         Axes of the taps (see ``pool_activation``).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> edge, cloud = det.export_split()
+    >>> out = edge(X[:4])  # EdgeOutput(is_id, score, payload)
+    >>> out.is_id.tolist() == (det.predict(X[:4].numpy()) == 1).tolist()
+    True
     """
 
     def __init__(self, prefix, head, pooling, n_extra=0, layout="channels"):
@@ -173,6 +198,18 @@ class CloudModule(nn.Module):
     ----------
     suffix : torch.fx.GraphModule
         From :func:`split_model`: takes the tensors that cross the cut.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> edge, cloud = det.export_split()
+    >>> logits = cloud(edge(X[:4]).payload)  # the rest of the model on what the edge sends
+    >>> bool(torch.allclose(logits, det.backbone(X[:4]), atol=1e-5))
+    True
     """
 
     def __init__(self, suffix):

@@ -97,6 +97,24 @@ class EdgeRunner:
     backoff : float, default=0.5
     key : bytes or str, default=None
         Run only a split signed with this key (see :func:`save_split`).
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, torch
+    >>> from earlin_sklearn import EdgeRunner, ShallowFeatureOODDetector, save_split
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
+    >>> runner = EdgeRunner(folder, "http://127.0.0.1:8000", upload="auto")  # nothing is sent yet
+    >>> runner.upload  # the cost model's choice: a ResNet-20 layer1 payload is 21x the input
+    'raw'
+    >>> runner.close()
+
+    With ``earlin serve-cloud FOLDER`` running at that address,
+    ``runner.run(images, log="edge_log.jsonl")`` decides on each input and
+    uploads the accepted ones.
     """
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,

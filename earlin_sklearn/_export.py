@@ -324,6 +324,22 @@ def load_split(directory, parts=PARTS, key=None):
     manifest : dict
     edge, cloud : torch.nn.Module or None
         The exported programs' modules; None for a part not requested.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> import tempfile
+    >>> from earlin_sklearn import load_split, save_split
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",), key=b"a key of 16+ bytes")
+    >>> manifest, edge, cloud = load_split(folder, parts=("edge",), key=b"a key of 16+ bytes")  # as a device does
+    >>> is_id, score, *payload = edge(X[:3])
+    >>> cloud is None, np.allclose(score.numpy(), det.score_samples(X[:3].numpy()), atol=1e-6)
+    (True, True)
     """
     unknown = set(parts) - set(PARTS)
     if unknown:

@@ -119,6 +119,17 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     recommendation : LayerRecommendation
         ``.layer``, ``.params`` (the winning ``layer`` and ``n_channels``) and
         ``.table`` (every candidate with its edge FLOPs share and score).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import recommend_layer
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(60, 3, 32, 32).numpy()
+    >>> rec = recommend_layer(cifar_resnet(20), X, np.arange(60) % 2, layers=["layer1.0", "layer1"],
+    ...                       max_edge_flops=0.5, cv=2)
+    >>> rec.layer in ("layer1.0", "layer1"), sorted(r["layer"] for r in rec.table)
+    (True, ['layer1', 'layer1.0'])
     """
     if not (tolerance == "se" or (isinstance(tolerance, (int, float)) and tolerance >= 0)):
         raise ValueError(f"tolerance must be 'se' or a number >= 0; got {tolerance!r}.")

@@ -207,6 +207,20 @@ def load_detector(directory, backbone):
     ValueError
         If a file was modified, the backbone does not match, or the files
         name a class that is not on the allow-list.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32).numpy()
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> import tempfile
+    >>> from earlin_sklearn import load_detector, save_detector
+    >>> folder = save_detector(det, tempfile.mkdtemp(), include_weights=False)  # the device has the weights
+    >>> same = load_detector(folder, backbone=det.backbone)  # checked against the weights' sha256
+    >>> bool(np.array_equal(same.predict(X), det.predict(X)))
+    True
     """
     from safetensors.torch import load as load_tensors
 

@@ -63,6 +63,21 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     ``max_bytes``), 415 (unknown encoding), 422 (the cloud part gave
     non-finite outputs for this payload), 428 (no ``X-Earlin-Version``).
     The split is verified when the app is created (:func:`load_split`).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
+    >>> import tempfile
+    >>> from earlin_sklearn import create_cloud_app, save_split
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
+    >>> app = create_cloud_app(folder, token="s3cret")  # serve it with uvicorn.run(app) or earlin serve-cloud
+    >>> sorted(r.path for r in app.routes)
+    ['/health', '/v1/activations', '/v1/raw']
     """
     from ._optional import require
 

@@ -46,6 +46,18 @@ class CloudHead(nn.Module):
     offset : float
         The cloud stage's threshold (``score >= offset`` is ID).
     temperature : float, default=1.0
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> two = TwoStageDetector(ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu")).fit(X.numpy())
+    >>> edge, cloud = two.export_split()  # cloud is a CloudHead
+    >>> logits, score, is_id = cloud(edge(X[:4]).payload)
+    >>> is_id.tolist() == (two.cloud_.predict(X[:4].numpy()) == 1).tolist()
+    True
     """
 
     def __init__(self, suffix, method, offset, temperature=1.0):
