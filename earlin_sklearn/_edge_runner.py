@@ -354,7 +354,7 @@ def summarize(records):
     return {
         "inputs": len(records),
         "failed": int(sum(r.status != "ok" for r in records)),
-        "uploaded": int(sum(bool(r.uploaded) for r in records)),
+        "uploaded": int(sum(bool(r.uploaded) and r.status == "ok" for r in records)),
         "bytes_sent": int(sum(r.bytes_sent for r in records)),
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_p95_ms": float(np.percentile(lat, 95)),
