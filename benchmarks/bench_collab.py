@@ -42,9 +42,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(split_dir, port):
-    proc = subprocess.Popen([sys.executable, "-m", "earlin_sklearn", "serve-cloud", str(split_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_server(split_dir, port, *options, global_options=()):
+    """``earlin [global_options] serve-cloud split_dir --port port [options]`` in its own process, once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "earlin_sklearn", *global_options, "serve-cloud", str(split_dir),
+                             "--port", str(port), *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 
     deadline = time.time() + 60

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_collab import free_port  # noqa: E402
+from bench_collab import free_port, start_server  # noqa: E402
 from common import machine  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # noqa: E402
@@ -50,25 +49,6 @@ def rss_mib(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start(split_dir, port, token_file):
-    import httpx
-
-    proc = subprocess.Popen([sys.executable, "-m", "earlin_sklearn", "--threads", "1", "serve-cloud", str(split_dir),
-                             "--port", str(port), "--token-file", str(token_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-    proc.kill()
-    raise RuntimeError("the server did not start")
 
 
 def main(argv=None):
@@ -99,7 +79,7 @@ def main(argv=None):
             return cloud(*decode(body, shapes, batch, encoding)).argmax(1).tolist()
 
     port = free_port()
-    proc = start(work / "split", port, work / "token")
+    proc = start_server(work / "split", port, "--token-file", str(work / "token"), global_options=("--threads", "1"))
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, headers=headers) as c:

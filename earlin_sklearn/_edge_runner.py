@@ -327,18 +327,16 @@ def read_inputs(source, mean=None, std=None, keep_uint8=False):
         data = np.load(source)
         x = data["x"]
         y = data["y"] if "y" in data else None
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"{source}: y has {len(y)} labels for {len(x)} images.")
     if keep_uint8:
         if x.dtype != np.uint8 or x.ndim != 4:
             raise ValueError(f"{source}: image uploads need uint8 images (N, H, W, C); got {x.dtype} {x.shape}.")
-        if y is not None and len(y) != len(x):
-            raise ValueError(f"{source}: y has {len(y)} labels for {len(x)} images.")
         return x, y
     if x.dtype == np.uint8:
         X = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 if x.shape[-1] in (1, 3) else torch.from_numpy(x).float() / 255.0
     else:
         X = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    if y is not None and len(y) != len(X):
-        raise ValueError(f"{source}: y has {len(y)} labels for {len(X)} images.")
     if mean is not None:
         if std is None or len(mean) != X.shape[1] or len(std) != X.shape[1]:
             raise ValueError(f"mean and std need one value per channel ({X.shape[1]}); got {mean} and {std}.")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ._cost import count_flops
+from ._edge import CloudModule
 from .exceptions import SplitVerificationError
 
 FORMATS = ("pt2", "onnx")
@@ -136,7 +137,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
         outs = flat(x)
     payload = outs[2:]
     # a CloudModule exports its graph; a cloud part with its own detector (CloudHead) exports whole
-    cloud_module = cloud.suffix if type(cloud).__name__ == "CloudModule" else cloud
+    cloud_module = cloud.suffix if isinstance(cloud, CloudModule) else cloud
     with torch.no_grad():
         cloud_out = cloud_module(*payload)
     two_stage = isinstance(cloud_out, tuple) and len(cloud_out) == 3

@@ -19,7 +19,6 @@ the weights the user's backbone already has must hash to the stored value.
 import hashlib
 import hmac
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ import torch
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
-from ._torch import frozen_copy
-from .exceptions import EarlinWarning
+from ._torch import available_device, frozen_copy
 
 FORMAT = "earlin-estimator/1"
 JSON_FILE = "estimator.json"
@@ -97,23 +95,25 @@ class _Encoder:
 
 
 def _backbone_holders(estimator):
-    """``{id(module): "param" | "fitted"}`` for the user's module parameter and the fitted frozen copies."""
-    holders = {}
+    """``({id(module): "param" | "fitted"}, a fitted module)`` for the user's module parameter and the frozen copies."""
+    holders, fitted = {}, None
 
     def visit(est):
+        nonlocal fitted
         for key, value in vars(est).items():
             if isinstance(value, torch.nn.Module):
                 if key.endswith("_") or holders.get(id(value)) == "fitted":
                     holders[id(value)] = "fitted"  # a loaded pickle's parameter is its fitted copy
+                    fitted = value
                 else:
                     holders[id(value)] = "param"
             elif isinstance(value, Pipeline):
                 for _, step in value.steps:
-                    if hasattr(step, "__dict__") and not isinstance(step, str):
+                    if not isinstance(step, str):
                         visit(step)
 
     visit(estimator)
-    return holders
+    return holders, fitted
 
 
 def save_detector(estimator, directory, *, include_weights=True):
@@ -149,8 +149,7 @@ def save_detector(estimator, directory, *, include_weights=True):
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(estimator)
-    holders = _backbone_holders(estimator)
-    fitted = next((m for m in _modules(estimator) if holders.get(id(m)) == "fitted"), None)
+    holders, fitted = _backbone_holders(estimator)
     if fitted is None:
         raise TypeError(f"{type(estimator).__name__} holds no fitted backbone; save it with joblib.")
     encoder = _Encoder(holders)
@@ -174,16 +173,6 @@ def save_detector(estimator, directory, *, include_weights=True):
     }
     (directory / JSON_FILE).write_text(json.dumps(document, indent=1, allow_nan=True))
     return directory
-
-
-def _modules(estimator):
-    for value in vars(estimator).values():
-        if isinstance(value, torch.nn.Module):
-            yield value
-        elif isinstance(value, Pipeline):
-            for _, step in value.steps:
-                if not isinstance(step, str):
-                    yield from _modules(step)
 
 
 def load_detector(directory, backbone):
@@ -241,9 +230,10 @@ def load_detector(directory, backbone):
         except RuntimeError as exc:
             raise ValueError(f"The saved weights do not fit this backbone ({type(backbone).__name__}; saved: "
                              f"{document['backbone_class']}): {str(exc).splitlines()[0]}") from None
-    if not hmac.compare_digest(weights_digest(backbone), document["backbone_sha256"]):
+    digest = weights_digest(backbone)
+    if not hmac.compare_digest(digest, document["backbone_sha256"]):
         raise ValueError("This backbone's weights are not the ones the detector was fitted with "
-                         f"(sha256 {weights_digest(backbone)[:12]}..., saved {document['backbone_sha256'][:12]}...).")
+                         f"(sha256 {digest[:12]}..., saved {document['backbone_sha256'][:12]}...).")
     decoder = _Decoder({k: v.numpy() for k, v in tensors.items() if not k.startswith(_WEIGHTS)}, backbone)
     return decoder.decode(document["estimator"])
 
@@ -281,14 +271,13 @@ class _Decoder:
             state = {k: self.decode(v) for k, v in value["state"].items()}
             fitted = [k for k, v in value["state"].items() if isinstance(v, dict) and v.get("__module__") == "fitted"]
             if fitted:
-                device = state.get("device_", torch.device("cpu"))
-                if device.type == "cuda" and not torch.cuda.is_available():
-                    warnings.warn(f"This {cls.__name__} was fitted on {device}, which this machine lacks; "
-                                  "it runs on the CPU instead.", EarlinWarning, stacklevel=3)
-                    device = torch.device("cpu")
+                device = available_device(state.get("device_", torch.device("cpu")), cls.__name__)
+                if "device_" in state:
                     state["device_"] = device
+                if str(device) not in self.frozen:  # one frozen copy per device, shared by every fitted holder
+                    self.frozen[str(device)] = frozen_copy(self.backbone, device)
                 for k in fitted:
-                    state[k] = self.frozen.setdefault(str(device), frozen_copy(self.backbone, device))
+                    state[k] = self.frozen[str(device)]
             est.__dict__.update(state)
             return est
         raise ValueError(f"Unexpected entry in the estimator file: {sorted(value)[:3]}.")

@@ -103,6 +103,15 @@ def get_layer(module, layer):
     )
 
 
+def available_device(device, owner):
+    """``device``, or the CPU with a warning when it is a GPU this machine lacks (loading a fitted estimator)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"This {owner} was fitted on {device}, which this machine lacks; it runs on the CPU instead.",
+                      EarlinWarning, stacklevel=4)
+        return torch.device("cpu")
+    return device
+
+
 def frozen_copy(module, device):
     """A deep copy of ``module`` in evaluation mode, gradients off, on ``device``; ``module`` is untouched."""
     return copy.deepcopy(module).eval().requires_grad_(False).to(device)
@@ -163,15 +172,8 @@ class TorchStateMixin:
                 stacklevel=2,
             )
         if torch_state["modules"]:
-            device = getattr(self, "device_", torch.device("cpu"))
-            if device.type == "cuda" and not torch.cuda.is_available():
-                warnings.warn(
-                    f"This {type(self).__name__} was fitted on {device}, which this machine lacks; "
-                    "it runs on the CPU instead.",
-                    EarlinWarning,
-                    stacklevel=2,
-                )
-                device = torch.device("cpu")
+            device = available_device(getattr(self, "device_", torch.device("cpu")), type(self).__name__)
+            if hasattr(self, "device_"):
                 self.device_ = device
         for name, blob in torch_state["modules"].items():
             try:

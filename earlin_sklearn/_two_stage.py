@@ -18,21 +18,9 @@ from torch import nn
 
 from ._detector import ShallowFeatureOODDetector
 from ._threshold import ThresholdMixin
-from .baselines import LogitDetector
+from .baselines import LogitDetector, logit_score
 
 CLOUD_METHODS = ("energy", "msp", "maxlogit")  # logit scores that need no input gradient (ODIN does)
-
-
-def logit_score(logits, method, temperature=1.0):
-    """The cloud stage's score of ``(N, classes)`` logits (higher = more ID), in float64."""
-    z = logits.to(torch.float64)
-    if method == "energy":
-        return temperature * torch.logsumexp(z / temperature, dim=1)
-    if method == "msp":
-        return torch.softmax(z / temperature, dim=1).amax(dim=1)
-    if method == "maxlogit":
-        return z.amax(dim=1)
-    raise ValueError(f"method must be one of {CLOUD_METHODS}; got {method!r}.")
 
 
 class CloudHead(nn.Module):
@@ -40,8 +28,8 @@ class CloudHead(nn.Module):
 
     Parameters
     ----------
-    suffix : torch.fx.GraphModule
-        The cloud part of the split (see :func:`split_model`).
+    cloud : CloudModule
+        The cloud part of the split.
     method : {"energy", "msp", "maxlogit"}
     offset : float
         The cloud stage's threshold (``score >= offset`` is ID).
@@ -60,17 +48,15 @@ class CloudHead(nn.Module):
     True
     """
 
-    def __init__(self, suffix, method, offset, temperature=1.0):
+    def __init__(self, cloud, method, offset, temperature=1.0):
         super().__init__()
-        self.suffix = suffix
+        self.cloud = cloud
         self.method = method
         self.temperature = float(temperature)
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
 
     def forward(self, *payload):
-        if len(payload) == 1 and isinstance(payload[0], (tuple, list)):
-            payload = tuple(payload[0])
-        logits = self.suffix(*payload)
+        logits = self.cloud(*payload)  # CloudModule: a payload tuple or the tensors
         score = logit_score(logits, self.method, self.temperature)
         return logits, score, score >= self.offset
 
@@ -176,7 +162,7 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         edge, cloud = self.edge_.export_split()
         temperature = self.cloud_.temperature if self.cloud_.temperature is not None else 1.0
-        head = CloudHead(cloud.suffix, self.cloud_method, self.cloud_.offset_, temperature)
+        head = CloudHead(cloud, self.cloud_method, self.cloud_.offset_, temperature)
         return edge, head.eval().requires_grad_(False)
 
     def __sklearn_tags__(self):

@@ -36,6 +36,24 @@ from .exceptions import EarlinWarning
 LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
 
 
+def logit_score(logits, method, temperature=1.0):
+    """Score of ``(N, classes)`` logits, higher = more ID, in float64: the one formula of each logit method.
+
+    ``"energy"``: T * logsumexp(logits / T); ``"msp"`` and ``"odin"`` (whose
+    input perturbation happens before the logits): max softmax(logits / T);
+    ``"maxlogit"``: the largest logit. Used by :class:`LogitDetector` and by
+    the exported cloud stage (:class:`~earlin_sklearn.CloudHead`).
+    """
+    z = logits.to(torch.float64)
+    if method == "energy":
+        return temperature * torch.logsumexp(z / temperature, dim=1)
+    if method in ("msp", "odin"):
+        return torch.softmax(z / temperature, dim=1).amax(dim=1)
+    if method == "maxlogit":
+        return z.amax(dim=1)
+    raise ValueError(f"method must be one of {LOGIT_SCORES}; got {method!r}.")
+
+
 class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
     """OOD scores from a classifier's logits: MSP, energy, ODIN or max logit.
 
@@ -159,14 +177,8 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
         if self.method == "odin":
             x = self._odin_perturb(x, T)
         with torch.inference_mode():
-            logits = self.model_(x).double()
-        if self.method == "maxlogit":
-            s = logits.max(dim=1).values
-        elif self.method == "energy":
-            s = T * torch.logsumexp(logits / T, dim=1)
-        else:
-            s = F.softmax(logits / T, dim=1).max(dim=1).values
-        return s.cpu().numpy()
+            logits = self.model_(x)
+        return logit_score(logits, self.method, T).cpu().numpy()
 
     def _odin_perturb(self, x, T):
         x = x.clone().requires_grad_(True)

@@ -1,5 +1,10 @@
 """Tiny seeded backbones and synthetic images: no downloads, no shared data."""
 
+import contextlib
+import socket
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +89,39 @@ def tiny_cnn():
 @pytest.fixture
 def images():
     return make_images()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_uvicorn(app, port=None, **config):
+    """The real server (uvicorn) on a loopback port, in a thread: ``(server, thread, port)`` once it serves."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "critical", **config}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    return server, thread, port
+
+
+def stop_uvicorn(server, thread):
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def uvicorn_running(app, **config):
+    """``with uvicorn_running(app) as url:`` the server runs inside the block."""
+    server, thread, port = start_uvicorn(app, **config)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_uvicorn(server, thread)

@@ -15,25 +15,15 @@ from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
 from earlin_sklearn._edge_runner import EdgeRunner, read_inputs, read_log  # noqa: E402
 from earlin_sklearn._server import create_cloud_app  # noqa: E402
 
-from .conftest import make_images, make_tiny_cnn  # noqa: E402
-from .test_serving import free_port  # noqa: E402
+from .conftest import free_port, make_images, make_tiny_cnn, start_uvicorn, stop_uvicorn  # noqa: E402
 
 
 def start(split_dir, port):
-    server = uvicorn.Server(uvicorn.Config(create_cloud_app(split_dir), host="127.0.0.1", port=port,
-                                           log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
+    server, thread, _ = start_uvicorn(create_cloud_app(split_dir), port=port)
     return server, thread
 
 
-def stop(server, thread):
-    server.should_exit = True
-    thread.join(timeout=10)
+stop = stop_uvicorn
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ the edge runner uploads the camera image."""
 
 import io
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +15,7 @@ from earlin_sklearn import EdgeRunner, ShallowFeatureOODDetector, save_split  # 
 from earlin_sklearn._protocol import decode_image, encode_image, preprocess  # noqa: E402
 from earlin_sklearn._server import create_cloud_app  # noqa: E402
 
-from .conftest import make_tiny_cnn  # noqa: E402
-from .test_serving import free_port  # noqa: E402
+from .conftest import make_tiny_cnn, uvicorn_running  # noqa: E402
 
 PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
 SHAPE = (3, 12, 12)
@@ -42,22 +39,8 @@ def served(tmp_path_factory):
     save_split(*det.export_split(), split_dir, torch.from_numpy(X[:4]), formats=("pt2",), preprocessing=PRE)
     bare = tmp_path_factory.mktemp("bare")  # the same split without its preprocessing
     save_split(*det.export_split(), bare, torch.from_numpy(X[:4]), formats=("pt2",))
-    servers, urls = [], {}
-    for name, directory in (("split", split_dir), ("bare", bare)):
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_cloud_app(directory), host="127.0.0.1", port=port,
-                                               log_level="critical"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            assert thread.is_alive()
-            time.sleep(0.02)
-        servers.append((server, thread))
-        urls[name] = f"http://127.0.0.1:{port}"
-    yield {"model": model, "det": det, "dir": split_dir, "bare": bare, "urls": urls}
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_running(create_cloud_app(split_dir)) as url, uvicorn_running(create_cloud_app(bare)) as bare_url:
+        yield {"model": model, "det": det, "dir": split_dir, "bare": bare, "urls": {"split": url, "bare": bare_url}}
 
 
 def headers(directory, encoding):

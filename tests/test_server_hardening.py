@@ -1,7 +1,6 @@
 """The server at start and against slow or odd clients: warm-up, docs behind the token, slow bodies."""
 
 import socket
-import threading
 import time
 
 import pytest
@@ -13,8 +12,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
 from earlin_sklearn._server import create_cloud_app  # noqa: E402
 
-from .conftest import make_images, make_tiny_cnn  # noqa: E402
-from .test_serving import free_port  # noqa: E402
+from .conftest import make_images, make_tiny_cnn, start_uvicorn, stop_uvicorn, uvicorn_running  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,34 +24,18 @@ def split_dir(tmp_path_factory):
     return directory
 
 
-def serve(app):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive()
-        time.sleep(0.02)
-    return server, thread, port
-
-
 def test_openapi_pages_need_no_token_only_when_there_is_none(split_dir):
     for kwargs, status in (({"token": "t0ken"}, 404), ({}, 200), ({"token": "t0ken", "docs": True}, 200)):
-        server, thread, port = serve(create_cloud_app(split_dir, **kwargs))
-        try:
+        with uvicorn_running(create_cloud_app(split_dir, **kwargs)) as url:
             for page in ("/docs", "/openapi.json"):
-                assert httpx.get(f"http://127.0.0.1:{port}{page}").status_code == status, (kwargs, page)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+                assert httpx.get(f"{url}{page}").status_code == status, (kwargs, page)
 
 
 def test_a_slow_body_gets_408_and_the_server_goes_on(split_dir):
     import json
 
     version = json.loads((split_dir / "split.json").read_text())["version"]
-    server, thread, port = serve(create_cloud_app(split_dir, body_timeout=0.5))
+    server, thread, port = start_uvicorn(create_cloud_app(split_dir, body_timeout=0.5))
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall((f"POST /v1/activations HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
@@ -62,8 +44,7 @@ def test_a_slow_body_gets_408_and_the_server_goes_on(split_dir):
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop_uvicorn(server, thread)
 
 
 class _DictOut(torch.nn.Module):
@@ -86,14 +67,7 @@ def test_a_backbone_whose_output_cannot_be_served_is_refused_at_export(tmp_path)
 def test_slow_headers_are_cut_off(split_dir):
     from earlin_sklearn._server import header_timeout_protocol
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_cloud_app(split_dir), host="127.0.0.1", port=port,
-                                           log_level="critical", http=header_timeout_protocol(0.5)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.02)
+    server, thread, port = start_uvicorn(create_cloud_app(split_dir), http=header_timeout_protocol(0.5))
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"POST /v1/activations HTTP/1.1\r\nHost: x\r\n")  # and the headers never end
@@ -106,5 +80,4 @@ def test_slow_headers_are_cut_off(split_dir):
                 assert client.get("/health").status_code == 200
                 time.sleep(0.3)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop_uvicorn(server, thread)

@@ -1,8 +1,6 @@
 """The real cloud server on a free loopback port, the real edge runner against it."""
 
 import json
-import socket
-import threading
 import time
 
 import numpy as np
@@ -17,15 +15,9 @@ from earlin_sklearn._edge_runner import EdgeRunner, choose_upload, read_inputs, 
 from earlin_sklearn._protocol import encode  # noqa: E402
 from earlin_sklearn._server import create_cloud_app  # noqa: E402
 
-from .conftest import make_images, make_tiny_cnn  # noqa: E402
+from .conftest import free_port, make_images, make_tiny_cnn, uvicorn_running  # noqa: E402
 
 TOKEN = "s3cret"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +28,8 @@ def deployment(tmp_path_factory):
     split_dir = tmp_path_factory.mktemp("split")
     edge, cloud = det.export_split()
     save_split(edge, cloud, split_dir, torch.from_numpy(X[:4]), formats=("pt2",))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_cloud_app(split_dir, token=TOKEN, max_bytes=100_000),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield {"model": model, "det": det, "dir": split_dir, "url": f"http://127.0.0.1:{port}"}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_running(create_cloud_app(split_dir, token=TOKEN, max_bytes=100_000), log_level="warning") as url:
+        yield {"model": model, "det": det, "dir": split_dir, "url": url}
 
 
 def stream():

@@ -1,8 +1,6 @@
 """TwoStageDetector: EARLIN on the edge, a logit detector in the cloud, exported and served together."""
 
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, load_split, save_split
 
-from .conftest import make_images, make_tiny_cnn
+from .conftest import make_images, make_tiny_cnn, uvicorn_running
 
 
 @pytest.fixture(scope="module")
@@ -58,31 +56,18 @@ def test_export_carries_the_cloud_verdict(fitted, tmp_path):
 
 
 def test_the_server_answers_with_the_cloud_verdict(fitted, tmp_path):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
     from earlin_sklearn import EdgeRunner
     from earlin_sklearn._server import create_cloud_app
-
-    from .test_serving import free_port
 
     two, _ = fitted
     X, _ = make_images(30, seed=9)
     edge, cloud = two.export_split()
     save_split(edge, cloud, tmp_path / "split", torch.from_numpy(X[:4]), formats=("pt2",))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_cloud_app(tmp_path / "split"), host="127.0.0.1", port=port,
-                                           log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.02)
-    try:
-        with EdgeRunner(tmp_path / "split", f"http://127.0.0.1:{port}", upload="activations") as runner:
+    with uvicorn_running(create_cloud_app(tmp_path / "split")) as url:
+        with EdgeRunner(tmp_path / "split", url, upload="activations") as runner:
             records = runner.run(torch.from_numpy(X), log=tmp_path / "log.jsonl")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     cloud_ok = two.cloud_.predict(X) == 1
     uploaded = [r for r in records if r.uploaded]
     assert uploaded and all(r.cloud_is_id == bool(cloud_ok[r.index]) for r in uploaded)
