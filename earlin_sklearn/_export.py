@@ -82,6 +82,26 @@ def _signature(manifest, key):
     return hmac.new(_key_bytes(key), _canonical(manifest), hashlib.sha256).hexdigest()
 
 
+def seal(document, key=None):
+    """Add ``version`` (sha256 of the document) and, with ``key``, an HMAC-SHA256 ``signature``; return it."""
+    document["version"] = hashlib.sha256(_canonical(document)).hexdigest()
+    if key is not None:
+        document["signature"] = _signature(document, key)
+    return document
+
+
+def check_seal(document, key, path, writer):
+    """Refuse a document (read from ``path``, written by ``writer``) modified since, or not signed with ``key``."""
+    if document.get("version") != hashlib.sha256(_canonical(document)).hexdigest():
+        raise SplitVerificationError(f"{path} was modified after {writer} wrote it (its version does not match "
+                                     "its contents); refusing it.")
+    if key is not None:
+        signature = document.get("signature")
+        if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(document, key)):
+            raise SplitVerificationError(f"{path} is {'not signed' if signature is None else 'signed with another key'}: "
+                                         "refusing a file its owner did not sign.")
+
+
 def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, preprocessing=None, key=None):
     """Write the edge and cloud modules as deployable files.
 
@@ -202,9 +222,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
         "flops": {"edge": edge_flops, "cloud": cloud_flops, "full": edge_flops + cloud_flops},
         "files": {name: _file_sha256(path) for name, path in sorted(paths.items())},
     }
-    manifest["version"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-    if key is not None:
-        manifest["signature"] = _signature(manifest, key)
+    seal(manifest, key)
     paths["manifest"] = directory / MANIFEST
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
@@ -232,14 +250,9 @@ def read_manifest(directory, key=None):
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise SplitVerificationError(f"{path} has format {got!r}; this earlin_sklearn reads {SPLIT_FORMAT!r}. "
                                      "Export the split again with save_split.")
-    if not isinstance(manifest.get("files"), dict) or manifest.get("version") != hashlib.sha256(_canonical(manifest)).hexdigest():
-        raise SplitVerificationError(f"{path} was modified after save_split wrote it (its version does not match "
-                                     "its contents); refusing it.")
-    if key is not None:
-        signature = manifest.get("signature")
-        if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(manifest, key)):
-            raise SplitVerificationError(f"{path} is {'not signed' if signature is None else 'signed with another key'}: "
-                                         "refusing a split its owner did not sign.")
+    if not isinstance(manifest.get("files"), dict):
+        raise SplitVerificationError(f"{path} lists no files: not a split manifest.")
+    check_seal(manifest, key, path, "save_split")
     return manifest
 
 

@@ -26,6 +26,7 @@ import torch
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
+from ._export import check_seal, seal
 from ._torch import available_device, frozen_copy
 
 FORMAT = "earlin-estimator/1"
@@ -116,7 +117,7 @@ def _backbone_holders(estimator):
     return holders, fitted
 
 
-def save_detector(estimator, directory, *, include_weights=True):
+def save_detector(estimator, directory, *, include_weights=True, key=None):
     """Save a fitted estimator so that loading it cannot run code.
 
     Parameters
@@ -128,6 +129,9 @@ def save_detector(estimator, directory, *, include_weights=True):
     include_weights : bool, default=True
         Store the backbone's weights too. Without them, :func:`load_detector`
         needs a backbone that already holds exactly the fitted weights.
+    key : bytes or str, default=None
+        Sign ``estimator.json`` (HMAC-SHA256, as :func:`save_split` does);
+        ``load_detector(..., key=key)`` then refuses files not signed with it.
 
     Returns
     -------
@@ -171,11 +175,11 @@ def save_detector(estimator, directory, *, include_weights=True):
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "estimator": tree,
     }
-    (directory / JSON_FILE).write_text(json.dumps(document, indent=1, allow_nan=True))
+    (directory / JSON_FILE).write_text(json.dumps(seal(document, key), indent=1, allow_nan=True))
     return directory
 
 
-def load_detector(directory, backbone):
+def load_detector(directory, backbone, key=None):
 
     """Load an estimator written by :func:`save_detector`; nothing in the files is executed.
 
@@ -186,6 +190,8 @@ def load_detector(directory, backbone):
         The backbone's architecture (e.g. ``cifar_resnet(20)``). When the
         weights were saved they are loaded into it (``strict=True``); either
         way the weights must hash to the saved value.
+    key : bytes or str, default=None
+        Require a signature made with this key (see :func:`save_detector`).
 
     Returns
     -------
@@ -217,6 +223,7 @@ def load_detector(directory, backbone):
     document = json.loads((directory / JSON_FILE).read_text())
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"{directory / JSON_FILE} is not an {FORMAT!r} file.")
+    check_seal(document, key, directory / JSON_FILE, "save_detector")  # the JSON too, not only the tensors
     blob = (directory / TENSOR_FILE).read_bytes()
     if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), str(document.get("tensors_sha256"))):
         raise ValueError(f"{directory / TENSOR_FILE} does not match its sha256 in {JSON_FILE}; refusing it.")

@@ -199,3 +199,15 @@ def test_unlabelled_streams_run_to_their_end(deployment):
     with runner:
         records = runner.run(iter(X))
     assert [r.index for r in records] == list(range(5)) and all(r.label == -1 for r in records)
+
+
+def test_the_summary_counts_only_uploads_that_succeeded(deployment):
+    from earlin_sklearn._edge_runner import summarize
+
+    X, y = id_stream()
+    runner, _ = runner_with(deployment, ["503"] * 4, retries=3)
+    with runner:
+        records = runner.run(X, labels=y)
+    summary = summarize(records)
+    assert summary["failed"] == 1
+    assert summary["uploaded"] == sum(bool(r.uploaded) for r in records) - 1

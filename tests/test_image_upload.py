@@ -105,3 +105,15 @@ def test_images_need_the_splits_preprocessing(served):
     assert r.status_code == 415  # activations are tensors, never image files
     with pytest.raises(ValueError, match="preprocessing"):
         EdgeRunner(served["bare"], served["urls"]["bare"], encoding="png")
+
+
+def test_read_inputs_keeps_camera_pixels_for_image_uploads(tmp_path):
+    from earlin_sklearn._edge_runner import read_inputs
+
+    images = camera_images(4)
+    np.savez(tmp_path / "cam.npz", x=images, y=np.arange(4))
+    x, y = read_inputs(tmp_path / "cam.npz", keep_uint8=True)
+    assert x.dtype == np.uint8 and x.shape == (4, 12, 12, 3) and y.tolist() == [0, 1, 2, 3]
+    np.savez(tmp_path / "float.npz", x=images.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8 images"):
+        read_inputs(tmp_path / "float.npz", keep_uint8=True)

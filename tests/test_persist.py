@@ -8,6 +8,7 @@ import torch
 
 from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, load_detector, save_detector
 from earlin_sklearn.baselines import KNNDetector, LogitDetector
+from earlin_sklearn._export import seal
 from earlin_sklearn.models import cifar_resnet
 
 pytest.importorskip("safetensors")
@@ -78,7 +79,7 @@ def test_tampered_or_foreign_files_are_refused(tmp_path):
     doc_path = tmp_path / "d" / "estimator.json"
     doc = json.loads(doc_path.read_text())
     doc["estimator"]["__estimator__"] = "os.system"
-    doc_path.write_text(json.dumps(doc))
+    doc_path.write_text(json.dumps(seal(doc)))  # an attacker who can write the file can also re-seal it
     with pytest.raises(ValueError, match="not an estimator this loader rebuilds"):
         load_detector(tmp_path / "d", cifar_resnet(20))
 
@@ -88,3 +89,21 @@ def test_estimators_without_a_backbone_are_pointed_to_joblib(tmp_path):
     knn = KNNDetector().fit(X.reshape(len(X), -1)[:, :20])
     with pytest.raises(TypeError, match="joblib"):
         save_detector(knn, tmp_path / "k")
+
+
+def test_the_json_is_verified_and_can_be_signed(tmp_path):
+    X, y = _data()
+    det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, y)
+    key = b"owner key, 16+ bytes"
+    save_detector(det, tmp_path / "d", key=key)
+    load_detector(tmp_path / "d", cifar_resnet(20), key=key)
+    with pytest.raises(ValueError, match="signed with another key"):
+        load_detector(tmp_path / "d", cifar_resnet(20), key=b"another key, 16+ bytes")
+    # a threshold edited in the JSON (the tensors untouched) is refused, with or without a key
+    doc_path = tmp_path / "d" / "estimator.json"
+    text = doc_path.read_text()
+    doc = json.loads(text)
+    doc["estimator"]["state"]["target_tpr"] = 0.5
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="modified after save_detector wrote it"):
+        load_detector(tmp_path / "d", cifar_resnet(20))
