@@ -41,7 +41,9 @@ setup(
         # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests
         "test": ["pytest>=7", "hypothesis>=6", "sphinx>=7", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15",
                  "sphinx-gallery>=0.16", "myst-parser>=2", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "distributed>=2024.1"],
+        # fitting on a Dask cluster (DaskShards)
+        "distributed": ["distributed>=2024.1"],
         # the cloud server and the edge runner (earlin serve-cloud / run-edge)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         # benchmarks only: the peer library the baselines are validated against
@@ -49,7 +51,8 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.6"],
         "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0.15", "sphinx-gallery>=0.16",
-                 "myst-parser>=2", "onnx>=1.16", "onnxscript>=0.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+                 "myst-parser>=2", "onnx>=1.16", "onnxscript>=0.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
+                 "distributed>=2024.1"],
     },
     entry_points={"console_scripts": ["earlin=earlin_sklearn.__main__:main"]},
     classifiers=[

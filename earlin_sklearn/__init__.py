@@ -16,6 +16,7 @@ _EXPORTS = {
     "ChannelSelector": "._selection",
     "CloudModule": "._edge",
     "CostComparison": "._cost",
+    "DaskShards": "._distributed",
     "DetectorHead": "._edge",
     "DistanceDetector": "._distance",
     "EarlinWarning": ".exceptions",

@@ -1,5 +1,7 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.pipeline import Pipeline
@@ -7,13 +9,76 @@ from sklearn.preprocessing import PowerTransformer
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._distance import DistanceDetector, usable_labels
+from ._distance import DistanceDetector, labels_usable
+from ._distributed import DaskShards
 from ._edge import build_split
 from ._features import BackboneFeatures, resolve_extra_layers
-from ._inputs import is_torch_data, validate_fit_images, validate_images
+from ._inputs import check_labels, is_torch_data, validate_fit_images, validate_images
+from ._moments import FeatureMoments
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
+from .exceptions import EarlinWarning
+
+
+def _fit_power_transform(F):
+    transform = PowerTransformer(method="yeo-johnson", standardize=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return transform.fit(F)
+
+
+def _transform(gaussianize, F):
+    if gaussianize == "passthrough":
+        return F
+    with np.errstate(over="ignore", invalid="ignore"):
+        return gaussianize.transform(F)
+
+
+def _batch_labels(y, n, owner):
+    """Labels of one batch of ``n`` images as an array (or None), checked."""
+    if y is None:
+        return None
+    y = np.asarray(y).reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"{owner}: X has {n} samples but y has {y.shape[0]}.")
+    check_labels(y)
+    return y
+
+
+def _with_labels(batches, y, owner):
+    """The ``(features, labels)`` batches, with the labels taken from ``y`` (in order) when it is given."""
+    if y is None:
+        for F, yb in batches:
+            yield F, _batch_labels(yb, F.shape[0], owner)
+        return
+    y = np.asarray(y).reshape(-1)
+    seen = 0
+    for F, _ in batches:
+        if seen + F.shape[0] > y.shape[0]:
+            raise ValueError(f"{owner}: X has more samples than the {y.shape[0]} labels in y.")
+        yield F, _batch_labels(y[seen: seen + F.shape[0]], F.shape[0], owner)
+        seen += F.shape[0]
+    if seen != y.shape[0]:
+        raise ValueError(f"{owner}: X has {seen} samples but y has {y.shape[0]}.")
+
+
+def _check_label_count(X, y, owner):
+    """An array's sample count against its labels', before any forward pass."""
+    if y is not None and hasattr(X, "shape") and np.asarray(y).reshape(-1).shape[0] != X.shape[0]:
+        raise ValueError(f"{owner}: X has {X.shape[0]} samples but y has {np.asarray(y).reshape(-1).shape[0]}.")
+
+
+def _local_passes(features, X, y, owner):
+    """``run_pass(transform, n_folds, scatter) -> FeatureMoments``: one streamed pass over ``X`` in this process."""
+    _check_label_count(X, y, owner)
+
+    def run_pass(transform, n_folds, scatter):
+        moments = FeatureMoments(features._n_features_out, n_folds, scatter=scatter)
+        for F, yb in _with_labels(features._pooled_batches(X, owner), y, owner):
+            moments.update(F if transform is None else _transform(transform, F), yb)
+        return moments
+
+    return run_pass
 
 
 class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
@@ -160,13 +225,22 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
-        """Fit on in-distribution data.
+        """Fit on in-distribution data, streaming it batch by batch.
+
+        Only the per-class statistics of the pooled features are kept (see
+        ``moments_``), never the images nor all the features, so a Dataset or
+        DataLoader of any size fits in bounded memory. With more than 10,000
+        images and ``gaussianize`` on, the data is read twice: once to fit the
+        power transform on a uniform sample of 10,000 images' features, once to
+        accumulate the statistics of the transformed features.
 
         Parameters
         ----------
-        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset, DataLoader or DaskShards
             ID training images. A Dataset or DataLoader may yield ``x`` or
-            ``(x, y)`` batches; their labels are used as ``y``.
+            ``(x, y)`` batches; their labels are used as ``y``. A
+            :class:`DaskShards` spreads the forward passes over the workers of
+            a Dask cluster and gives the same detector.
         y : array-like of shape (N,), default=None
             ID class labels (overrides labels from a loader). Optional.
 
@@ -175,9 +249,72 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         self : object
         """
         owner = type(self).__name__
-        X, sample = validate_fit_images(self, X, self.batch_size)  # validated once, in this class's name
+        if isinstance(X, DaskShards):
+            features = self._features()._fit(X.first_input(owner), owner)
+            run_pass = X.pass_runner(features, owner)
+        else:
+            X, sample = validate_fit_images(self, X, self.batch_size)  # validated once, in this class's name
+            features = self._features()._fit(sample, owner)
+            run_pass = _local_passes(features, X, y, owner)
+        n_folds = self.threshold_cv or 1
+        if self.gaussianize is None:
+            gaussianize, moments = "passthrough", run_pass(None, n_folds, "full")
+        else:
+            # pass 1: a uniform sample of the raw features fits the power transform
+            raw = run_pass(None, 1, "diagonal")
+            gaussianize = _fit_power_transform(raw.sample_rows)
+            if raw.n_rows <= raw.reservoir_size:  # the sample holds every row, in order: no second pass
+                moments = FeatureMoments(raw.n_features, n_folds)
+                labels = None if not raw.labelled else np.array(raw.labels)[raw.sample_slot]
+                moments.update(_transform(gaussianize, raw.sample_rows), labels)
+            else:
+                moments = run_pass(gaussianize, n_folds, "full")
+        self._set_fitted(features, gaussianize, moments)
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Add a batch of ID images to the statistics and refit from all batches seen.
+
+        The first call fits the backbone tap and the power transform (on
+        that call's images: give it a representative sample, a thousand
+        images or more); later calls only add statistics. Batch by batch
+        gives the same detector as one call on all the images in the same
+        order, except for the power transform, fitted on the first call only.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+        y : array-like of shape (N,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        owner = type(self).__name__
+        if not hasattr(self, "moments_"):
+            self._validate_params()
+            X, sample = validate_fit_images(self, X, self.batch_size)
+            features = self._features()._fit(sample, owner)
+            F, loader_y = features._features_and_labels(X, owner)
+            y = _batch_labels(loader_y if y is None else y, F.shape[0], owner)
+            gaussianize = "passthrough" if self.gaussianize is None else _fit_power_transform(F)
+            moments = FeatureMoments(F.shape[1], self.threshold_cv or 1)
+            moments.update(_transform(gaussianize, F), y)
+            self._set_fitted(features, gaussianize, moments)
+            return self
+        check_is_fitted(self, "pipeline_")
+        features, gaussianize = self.pipeline_["features"], self.pipeline_["gaussianize"]
+        if not is_torch_data(X):
+            X = validate_images(self, X, reset=False, input_shape=features.input_shape_)
+        _check_label_count(X, y, owner)
+        for F, yb in _with_labels(features._pooled_batches(X, owner), y, owner):
+            self.moments_.update(_transform(gaussianize, F), yb)
+        self._set_fitted(features, gaussianize, self.moments_)
+        return self
+
+    def _features(self):
         extra_layers = resolve_extra_layers(self.backbone, self.layer, self.extra_layers)
-        features = BackboneFeatures(
+        return BackboneFeatures(
             self.backbone,
             self.layer,
             pooling=self.pooling,
@@ -187,32 +324,38 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             device=self.device,
             n_threads=self.n_threads,
             verbose=self.verbose,
-        )._fit(sample, owner)
-        F, loader_y = features._features_and_labels(X, owner)
-        if y is None:
-            y = loader_y
-        if y is not None and self.class_conditional is not False:
-            y = usable_labels(y, type(self).__name__, required=self.class_conditional is True)
-        if self.gaussianize == "yeo-johnson":
-            gaussianize = PowerTransformer(method="yeo-johnson", standardize=True)
-            with np.errstate(over="ignore", invalid="ignore"):
-                F = gaussianize.fit_transform(F)
-        else:
-            gaussianize = "passthrough"
-        select = ChannelSelector(n_channels=self.n_channels, criterion=self.criterion).fit(F, y)
+        )
+
+    def _set_fitted(self, features, gaussianize, moments):
+        """The pipeline from the fitted tap and transform and the statistics of the transformed features."""
+        owner = type(self).__name__
+        if moments.n_rows == 0:
+            raise ValueError(f"{owner} found no images: the data is empty.")
+        labelled = bool(moments.labelled)
+        if self.class_conditional is True and not labelled:
+            raise ValueError("class_conditional=True needs class labels y.")
+        if labelled and self.class_conditional is not False:
+            labelled = labels_usable(moments.class_counts(), owner, required=self.class_conditional is True,
+                                     stacklevel=4)
+        select = ChannelSelector(n_channels=self.n_channels, criterion=self.criterion)
+        select._fit_moments(moments, labelled=labelled)
+        select.n_features_in_ = moments.n_features
         distance = DistanceDetector(
             metric=self.metric,
             class_conditional=self.class_conditional,
             target_tpr=self.target_tpr,
             threshold_cv=self.threshold_cv,
-        ).fit(select.transform(F), y)
+        )
+        distance._fit_moments(moments, columns=select.channels_,
+                              labelled=labelled and self.class_conditional is not False)
+        distance.n_features_in_ = int(select.channels_.size)
+        self.moments_ = moments
         self.pipeline_ = Pipeline(
             [("features", features), ("gaussianize", gaussianize), ("select", select), ("distance", distance)]
         )
         self.n_features_in_ = features.n_features_in_
         if hasattr(features, "feature_names_in_"):
             self.feature_names_in_ = features.feature_names_in_
-        return self
 
     @property
     def offset_(self):

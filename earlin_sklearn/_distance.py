@@ -6,13 +6,12 @@ from numbers import Integral, Real
 import numpy as np
 from scipy.linalg import pinvh
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
-from sklearn.covariance import LedoitWolf
-from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._moments import FeatureMoments
 from ._threshold import ThresholdMixin, offset_for_tpr
+from ._inputs import check_labels
 from .exceptions import EarlinWarning
 
 METRICS = ("mahalanobis", "euclidean", "cosine")
@@ -29,29 +28,60 @@ def whitening_from_precision(precision):
     return eigvec * np.sqrt(np.clip(eigval, 0.0, None))
 
 
-def usable_labels(y, owner, required=False):
-    """``y`` if it can define class centroids, else None (with a warning) or an error when ``required``.
+def labels_usable(counts, owner, required=False, stacklevel=4):
+    """Whether classes with these row counts can define class centroids (a warning or an error if not).
 
     A one-sample class has no spread: its centroid is that sample, the pooled
     covariance loses rank, and with every class of one sample every input
     scores 0 (accept everything). Labels that are sample ids or indices look
     like that.
     """
-    if y is None:
-        return None
-    y = np.asarray(y).reshape(-1)
-    _, counts = np.unique(y, return_counts=True)
-    if counts.min() >= 2:
-        check_classification_targets(y)
-        return y
+    counts = np.asarray(counts)
+    if counts.size and counts.min() >= 2:
+        return True
     few = int((counts < 2).sum())
     message = (f"{few} of {counts.size} classes have a single sample, so class centroids cannot be "
                "estimated (are the labels sample ids or indices?).")
     if required:
         raise ValueError(f"{owner}: {message} Pass class labels with at least 2 samples per class, "
                          "or class_conditional=False.")
-    warnings.warn(f"{owner}: {message} Using one global centroid instead.", EarlinWarning, stacklevel=3)
-    return None
+    warnings.warn(f"{owner}: {message} Using one global centroid instead.", EarlinWarning, stacklevel=stacklevel)
+    return False
+
+
+def ledoit_wolf_covariance(scatter, n_samples, fourth):
+    """Ledoit-Wolf shrunk covariance of centred rows ``R`` from mergeable sums.
+
+    Parameters
+    ----------
+    scatter : ndarray of shape (n_features, n_features)
+        ``R.T @ R``.
+    n_samples : float
+        Rows of ``R``.
+    fourth : float
+        ``sum_i ||R_i||^4``, which equals the sum of ``(R**2).T @ (R**2)``,
+        the only other term the shrinkage intensity needs.
+
+    Returns
+    -------
+    covariance : ndarray of shape (n_features, n_features)
+        ``LedoitWolf(assume_centered=True).fit(R).covariance_``, term by term
+        (scikit-learn's ``ledoit_wolf_shrinkage``), without ``R`` itself.
+    """
+    n_features = scatter.shape[0]
+    emp_cov = scatter / n_samples
+    if n_features == 1:
+        return emp_cov
+    trace = np.trace(emp_cov)
+    mu = trace / n_features
+    delta_ = np.sum(scatter**2) / n_samples**2
+    beta = (fourth / n_samples - delta_) / (n_features * n_samples)
+    delta = (delta_ - 2.0 * mu * trace + n_features * mu**2) / n_features
+    beta = min(beta, delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    covariance = (1.0 - shrinkage) * emp_cov
+    covariance.flat[:: n_features + 1] += shrinkage * mu
+    return covariance
 
 
 def min_centroid_distance(X, centroids, metric, whitening=None):
@@ -112,6 +142,11 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         tens of channels, a Mahalanobis threshold set on them accepts
         noticeably fewer than ``target_tpr`` of new ID inputs. ``None`` (or
         fewer than ``2 * threshold_cv`` samples) uses the in-sample scores.
+        A row's fold is a hash of its position in the data, so fitting in
+        batches or shards gives the same folds. With more than
+        10,000 rows, the
+        threshold and the Ledoit-Wolf shrinkage are computed on a uniform
+        sample of that many rows; everything else uses every row.
 
     Attributes
     ----------
@@ -125,6 +160,11 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         as Euclidean distances after ``X @ W`` (Mahalanobis only).
     offset_ : float
         Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
+    moments_ : FeatureMoments
+        The mergeable statistics everything above is computed from: per fold
+        and class, counts and means; per fold, the pooled within-class
+        scatter; and a uniform sample of at most 10,000 rows. ``partial_fit``
+        adds to them.
     n_features_in_ : int
 
     Examples
@@ -166,8 +206,31 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self : object
         """
         X = validate_data(self, X, reset=True, dtype=np.float64)
-        if X.shape[0] < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 ID samples; got n_samples={X.shape[0]}.")
+        return self._partial_fit(X, y, reset=True)
+
+    def partial_fit(self, X, y=None):
+        """Add a batch of ID features to the statistics, and refit from all batches seen.
+
+        Fitting batch by batch gives the same detector as one ``fit`` on all
+        the rows in the same order (the statistics merge exactly, see
+        ``moments_``). Give labels with every batch or with none.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        first = not hasattr(self, "moments_")
+        if first:
+            self._validate_params()
+        X = validate_data(self, X, reset=first, dtype=np.float64)
+        return self._partial_fit(X, y, reset=first)
+
+    def _partial_fit(self, X, y, reset):
         use_classes = self.class_conditional is True or (self.class_conditional == "auto" and y is not None)
         if use_classes:
             if y is None:
@@ -175,53 +238,68 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             y = np.asarray(y).reshape(-1)
             if y.shape[0] != X.shape[0]:
                 raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
-            y = usable_labels(y, type(self).__name__, required=self.class_conditional is True)
-        if use_classes and y is not None:
-            self.classes_, y_idx = np.unique(y, return_inverse=True)
-        else:
-            self.classes_, y_idx = None, np.zeros(X.shape[0], dtype=np.intp)
-        self.centroids_, self.precision_ = self._estimate(X, y_idx)
+            check_labels(y)
+        if reset:
+            self.moments_ = FeatureMoments(X.shape[1], n_folds=self.threshold_cv or 1)
+        self.moments_.update(X, y if use_classes else None)
+        return self._fit_moments(self.moments_)
+
+    def _fit_moments(self, moments, columns=None, labelled=None):
+        """Fitted attributes from the statistics ``moments`` (of the ``columns`` given, or all).
+
+        ``labelled``: whether to use class centroids, when the caller has
+        decided it (a composite, which names itself in the warning); None
+        decides from the class counts here.
+        """
+        if moments.n_rows < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 ID samples; got n_samples={moments.n_rows}.")
+        if labelled is None:
+            labelled = bool(moments.labelled) and labels_usable(
+                moments.class_counts(), type(self).__name__, required=self.class_conditional is True, stacklevel=5)
+        pooled = not labelled
+        self.classes_ = None if pooled else moments.class_labels()
+        self.centroids_, self.precision_ = self._model(moments, None, pooled, columns, check=True)[1:]
         self.whitening_ = None if self.precision_ is None else whitening_from_precision(self.precision_)
-        self.offset_ = offset_for_tpr(self._threshold_scores(X, y_idx), self.target_tpr)
+        self.offset_ = offset_for_tpr(self._threshold_scores(moments, pooled, columns), self.target_tpr)
         return self
 
-    def _estimate(self, X, y_idx):
-        """Centroids (one per label index) and, for Mahalanobis, the shared precision."""
-        k = int(y_idx.max()) + 1
-        counts = np.bincount(y_idx, minlength=k).astype(np.float64)
-        centroids = np.zeros((k, X.shape[1]))
-        np.add.at(centroids, y_idx, X)
-        centroids /= np.maximum(counts, 1.0)[:, None]
-        precision = None
-        if self.metric == "mahalanobis":
-            residual = X - centroids[y_idx]
-            if not np.any(residual):
-                raise ValueError(
-                    f"{type(self).__name__}: the ID features do not vary around their centroids (all samples "
-                    "identical within their class), so no covariance can be estimated. Fit on more varied "
-                    "ID data, or use metric='euclidean'."
-                )
-            covariance = LedoitWolf(assume_centered=True).fit(residual).covariance_
-            precision = pinvh(covariance)
-        return centroids, precision
+    def _model(self, moments, exclude_fold, pooled, columns, check=False):
+        """``(slots, centroids, precision)`` of the rows outside ``exclude_fold``."""
+        slots, counts, centroids, scatter = moments.model(exclude_fold, pooled=pooled, columns=columns)
+        if self.metric != "mahalanobis":
+            return slots, centroids, None
+        if check and not np.any(scatter):
+            raise ValueError(
+                f"{type(self).__name__}: the ID features do not vary around their centroids (all samples "
+                "identical within their class), so no covariance can be estimated. Fit on more varied "
+                "ID data, or use metric='euclidean'."
+            )
+        # the fourth-moment term of Ledoit-Wolf from the reservoir (all the rows, unless there are more
+        # than moments.reservoir_size of them: then a uniform sample, scaled to the row count)
+        rows, row_slots, _ = moments.sample(exclude_fold=exclude_fold, columns=columns)
+        position = np.zeros(len(moments.labels), dtype=np.intp)
+        if not pooled:
+            position[slots] = np.arange(slots.size)
+        residual = rows - centroids[position[row_slots]]
+        residual_sq = np.einsum("ij,ij->i", residual, residual)
+        fourth = np.sum(residual_sq**2) * (counts.sum() / max(rows.shape[0], 1))
+        return slots, centroids, pinvh(ledoit_wolf_covariance(scatter, counts.sum(), fourth))
 
-    def _threshold_scores(self, X, y_idx):
+    def _threshold_scores(self, moments, pooled, columns):
+        """Out-of-fold scores of the reservoir rows (each scored by a model fitted without its fold)."""
         cv = self.threshold_cv
-        if cv is None or X.shape[0] < 2 * cv:
-            return self._scores(X)
-        counts = np.bincount(y_idx)
-        if counts.size > 1 and counts.min() >= cv:
-            folds = StratifiedKFold(cv, shuffle=True, random_state=0).split(X, y_idx)
-        else:
-            folds = KFold(cv, shuffle=True, random_state=0).split(X)
-        scores = np.empty(X.shape[0])
-        for train, held_out in folds:
-            # classes missing from a training fold keep no centroid there
-            _, local = np.unique(y_idx[train], return_inverse=True)
-            centroids, precision = self._estimate(X[train], local)
+        if cv is None or moments.n_rows < 2 * cv or np.any(moments.counts.sum(axis=1) == moments.n_rows):
+            rows = moments.sample(columns=columns)[0]
+            return self._scores(rows)
+        scores = []
+        for f in range(cv):
+            held_out = moments.sample(only_fold=f, columns=columns)[0]
+            if held_out.shape[0] == 0:
+                continue
+            _, centroids, precision = self._model(moments, f, pooled, columns)
             whitening = None if precision is None else whitening_from_precision(precision)
-            scores[held_out] = -min_centroid_distance(X[held_out], centroids, self.metric, whitening)[0]
-        return scores
+            scores.append(-min_centroid_distance(held_out, centroids, self.metric, whitening)[0])
+        return np.concatenate(scores)
 
     def _scores(self, X):
         distance, _ = min_centroid_distance(X, self.centroids_, self.metric, self.whitening_)

@@ -365,21 +365,30 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
 
     def _features_and_labels(self, X, owner):
         """:meth:`features_and_labels` of a validated array or of a Dataset/DataLoader (checked per batch)."""
+        feats, labels = [], []
+        for F, y in self._pooled_batches(X, owner):
+            feats.append(F)
+            labels.append(y)
+        if not feats:
+            raise ValueError(f"{owner} found no images: the data is empty.")
+        return np.concatenate(feats), labels_to_numpy(labels)
+
+    def _pooled_batches(self, X, owner):
+        """``(features, labels)`` batch by batch (float64 features; labels as an array, or None).
+
+        Only one batch of images and of features is held at a time: fits
+        stream through this.
+        """
         torch_data = is_torch_data(X)
         if not torch_data:
             check_image_shape(X.shape[1:], owner, 0, self.input_shape_)
         batches, total = image_batches(X, self.batch_size)
-        feats, labels = [], []
         bar = tqdm(batches, total=total, desc=f"features@{self.layer}", disable=self.verbose <= 0)
         with torch_threads(getattr(self, "n_threads", "auto")):  # one setting for the whole pass
             for i, (x, y) in enumerate(bar):
                 if torch_data:
                     check_batch(x, owner, i, self.input_shape_)
-                feats.append(self._pooled(x))
-                labels.append(y)
-        if not feats:
-            raise ValueError(f"{owner} found no images: the data is empty.")
-        return np.concatenate(feats).astype(np.float64, copy=False), labels_to_numpy(labels)
+                yield self._pooled(x).astype(np.float64, copy=False), labels_to_numpy([y])
 
     def _pooled(self, x):
         pooled = [pool_activation(a, self.pooling, self.layout) for a in self._activations(x)]

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import validate_data
 from torch.utils.data import DataLoader, Dataset
 
@@ -67,6 +68,17 @@ def labels_to_numpy(parts):
     if not parts or any(p is None for p in parts):
         return None
     return np.concatenate([_labels_array(p) for p in parts])
+
+
+def check_labels(y):
+    """Refuse labels that are not classes (continuous, multilabel...), as scikit-learn's
+    ``check_classification_targets`` does, without its many-classes warning: degenerate class
+    counts are judged once all batches are in (``labels_usable``)."""
+    kind = type_of_target(y, input_name="y")
+    if kind not in ("binary", "multiclass", "multiclass-multioutput", "multilabel-indicator"):
+        raise ValueError(f"Unknown label type: {kind}. Class labels must be integers or strings, one per image.")
+    if kind in ("multiclass-multioutput", "multilabel-indicator"):
+        raise ValueError(f"Got {kind} labels; give one class label per image.")
 
 
 def warn_uint8(stacklevel):

@@ -39,11 +39,12 @@ def _allowed():
     from ._detector import ShallowFeatureOODDetector
     from ._distance import DistanceDetector
     from ._features import BackboneFeatures
+    from ._moments import FeatureMoments
     from ._selection import ChannelSelector
     from .baselines import KNNDetector, LogitDetector
 
     classes = (ShallowFeatureOODDetector, BackboneFeatures, ChannelSelector, DistanceDetector, LogitDetector,
-               KNNDetector, Pipeline, PowerTransformer, StandardScaler)
+               KNNDetector, FeatureMoments, Pipeline, PowerTransformer, StandardScaler)
     return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
 
 

@@ -7,39 +7,38 @@ import numpy as np
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.feature_selection import SelectorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._moments import FeatureMoments
+from ._inputs import check_labels
 from .exceptions import EarlinWarning
 
 CRITERIA = ("auto", "variance", "fisher")
 
 
-def variance_score(X):
+def variance_score(moments):
     """Label-free: each channel's variance over the ID samples.
 
     A channel that barely moves over the ID data carries no information to
     tell one input from another.
     """
-    return X.var(axis=0)
+    _, counts, means, within = moments.model(pooled=True)
+    return (np.diag(within) if within.ndim == 2 else within) / counts.sum()
 
 
-def fisher_score(X, y):
+def fisher_score(moments):
     """With labels: between-class variance of the channel's class means divided
     by its mean within-class variance (the Fisher score).
 
     Channels that separate the ID classes are the ones a class-conditional
     distance relies on.
     """
-    classes, y_idx = np.unique(y, return_inverse=True)
-    counts = np.bincount(y_idx).astype(np.float64)
-    means = np.zeros((classes.size, X.shape[1]))
-    np.add.at(means, y_idx, X)
-    means /= counts[:, None]
-    overall = X.mean(axis=0)
-    between = (counts[:, None] * (means - overall) ** 2).sum(axis=0) / X.shape[0]
-    within = ((X - means[y_idx]) ** 2).sum(axis=0) / X.shape[0]
-    return between / (within + np.finfo(np.float64).eps * (1.0 + overall**2))
+    _, counts, means, within = moments.model()
+    within = np.diag(within) if within.ndim == 2 else within
+    n = counts.sum()
+    overall = (counts[:, None] * means).sum(axis=0) / n
+    between = (counts[:, None] * (means - overall) ** 2).sum(axis=0) / n
+    return between / (within / n + np.finfo(np.float64).eps * (1.0 + overall**2))
 
 
 class ChannelSelector(SelectorMixin, BaseEstimator):
@@ -69,6 +68,9 @@ class ChannelSelector(SelectorMixin, BaseEstimator):
         Indices of the kept columns, in ascending order.
     criterion_ : str
         The criterion actually used.
+    moments_ : FeatureMoments
+        Per-class counts, means and per-column sums of squared deviations
+        the scores come from; ``partial_fit`` adds to them.
     n_features_in_ : int
         Number of columns seen in ``fit``.
 
@@ -110,22 +112,59 @@ class ChannelSelector(SelectorMixin, BaseEstimator):
         self : object
         """
         X = validate_data(self, X, reset=True, dtype=np.float64)
-        criterion = self.criterion
+        return self._partial_fit(X, y, reset=True)
+
+    def partial_fit(self, X, y=None):
+        """Add a batch of ID features to the channel statistics and rescore the columns.
+
+        Batch by batch gives the same scores and selection as one ``fit``
+        (per-class counts, means and sums of squared deviations merge
+        exactly). Give labels with every batch or with none.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        first = not hasattr(self, "moments_")
+        if first:
+            self._validate_params()
+        X = validate_data(self, X, reset=first, dtype=np.float64)
+        return self._partial_fit(X, y, reset=first)
+
+    def _partial_fit(self, X, y, reset):
         if y is not None:
             y = np.asarray(y).reshape(-1)
             if y.shape[0] != X.shape[0]:
                 raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
-            check_classification_targets(y)
+            check_labels(y)
+        if reset:
+            self.moments_ = FeatureMoments(X.shape[1], reservoir_size=0, scatter="diagonal")
+        self.moments_.update(X, y)
+        return self._fit_moments(self.moments_)
+
+    def _fit_moments(self, moments, labelled=None):
+        """Scores and selection from per-class statistics of the columns.
+
+        ``labelled=False`` ignores the labels in ``moments`` (a composite that
+        found them unusable); None uses them when there are any.
+        """
+        criterion = self.criterion
+        labelled = bool(moments.labelled) if labelled is None else labelled
         if criterion == "auto":
-            criterion = "fisher" if y is not None and np.unique(y).size > 1 else "variance"
+            criterion = "fisher" if labelled and len(moments.labels) > 1 else "variance"
         if criterion == "fisher":
-            if y is None:
+            if not labelled:
                 raise ValueError('criterion="fisher" needs class labels y; use "variance" without labels.')
-            self.scores_ = fisher_score(X, y)
+            self.scores_ = fisher_score(moments)
         else:
-            self.scores_ = variance_score(X)
+            self.scores_ = variance_score(moments)
         self.criterion_ = criterion
-        k = self._n_selected(X.shape[1], criterion)
+        k = self._n_selected(moments.n_features, criterion)
         order = np.argsort(-self.scores_, kind="stable")
         self.channels_ = np.sort(order[:k])
         return self
