@@ -38,7 +38,7 @@ def _batch_labels(y, n, owner):
     """Labels of one batch of ``n`` images as an array (or None), checked."""
     if y is None:
         return None
-    y = np.asarray(y).reshape(-1)
+    y = _labels_vector(y, owner)
     if y.shape[0] != n:
         raise ValueError(f"{owner}: X has {n} samples but y has {y.shape[0]}.")
     check_labels(y)
@@ -49,23 +49,40 @@ def _with_labels(batches, y, owner):
     """The ``(features, labels)`` batches, with the labels taken from ``y`` (in order) when it is given."""
     if y is None:
         for F, yb in batches:
-            yield F, _batch_labels(yb, F.shape[0], owner)
+            yield _finite(F, owner), _batch_labels(yb, F.shape[0], owner)
         return
-    y = np.asarray(y).reshape(-1)
+    y = _labels_vector(y, owner)
     seen = 0
     for F, _ in batches:
         if seen + F.shape[0] > y.shape[0]:
             raise ValueError(f"{owner}: X has more samples than the {y.shape[0]} labels in y.")
-        yield F, _batch_labels(y[seen: seen + F.shape[0]], F.shape[0], owner)
+        yield _finite(F, owner), _batch_labels(y[seen: seen + F.shape[0]], F.shape[0], owner)
         seen += F.shape[0]
     if seen != y.shape[0]:
         raise ValueError(f"{owner}: X has {seen} samples but y has {y.shape[0]}.")
 
 
+def _finite(F, owner):
+    """ID features must be finite: overflowing activations mean images the model was not made for."""
+    if not np.isfinite(F).all():
+        raise ValueError(f"{owner}: the backbone's activations overflowed (the pooled features are not finite) "
+                         "on ID training images. Scale and normalize the images as the model was trained.")
+    return F
+
+
+def _labels_vector(y, owner):
+    """``y`` as a 1-D array: one class label per image (a column vector is accepted)."""
+    y = np.asarray(y)
+    if y.ndim > 1 and y.size != y.shape[0]:
+        raise ValueError(f"{owner}: y must hold one class label per image (shape (N,)); got shape {y.shape}. "
+                         "One-hot labels: pass y.argmax(axis=1).")
+    return y.reshape(-1)
+
+
 def _check_label_count(X, y, owner):
     """An array's sample count against its labels', before any forward pass."""
-    if y is not None and hasattr(X, "shape") and np.asarray(y).reshape(-1).shape[0] != X.shape[0]:
-        raise ValueError(f"{owner}: X has {X.shape[0]} samples but y has {np.asarray(y).reshape(-1).shape[0]}.")
+    if y is not None and hasattr(X, "shape") and _labels_vector(y, owner).shape[0] != X.shape[0]:
+        raise ValueError(f"{owner}: X has {X.shape[0]} samples but y has {_labels_vector(y, owner).shape[0]}.")
 
 
 def _local_passes(features, X, y, owner):
@@ -295,8 +312,12 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             self._validate_params()
             X, sample = validate_fit_images(self, X, self.batch_size)
             features = self._features()._fit(sample, owner)
-            F, loader_y = features._features_and_labels(X, owner)
-            y = _batch_labels(loader_y if y is None else y, F.shape[0], owner)
+            _check_label_count(X, y, owner)
+            parts = list(_with_labels(features._pooled_batches(X, owner), y, owner))
+            if not parts:
+                raise ValueError(f"{owner} found no images: the data is empty.")
+            F = np.concatenate([F for F, _ in parts])
+            y = None if any(yb is None for _, yb in parts) else np.concatenate([yb for _, yb in parts])
             gaussianize = "passthrough" if self.gaussianize is None else _fit_power_transform(F)
             moments = FeatureMoments(F.shape[1], self.threshold_cv or 1)
             moments.update(_transform(gaussianize, F), y)
@@ -347,7 +368,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             threshold_cv=self.threshold_cv,
         )
         distance._fit_moments(moments, columns=select.channels_,
-                              labelled=labelled and self.class_conditional is not False)
+                              labelled=labelled and self.class_conditional is not False, owner=owner)
         distance.n_features_in_ = int(select.channels_.size)
         self.moments_ = moments
         self.pipeline_ = Pipeline(

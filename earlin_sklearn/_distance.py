@@ -244,33 +244,37 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.moments_.update(X, y if use_classes else None)
         return self._fit_moments(self.moments_)
 
-    def _fit_moments(self, moments, columns=None, labelled=None):
+    def _fit_moments(self, moments, columns=None, labelled=None, owner=None):
         """Fitted attributes from the statistics ``moments`` (of the ``columns`` given, or all).
 
         ``labelled``: whether to use class centroids, when the caller has
         decided it (a composite, which names itself in the warning); None
-        decides from the class counts here.
+        decides from the class counts here. ``owner`` names the estimator the user called in errors.
         """
+        owner = owner or type(self).__name__
         if moments.n_rows < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 ID samples; got n_samples={moments.n_rows}.")
+            raise ValueError(f"{owner} needs at least 2 ID samples; got n_samples={moments.n_rows}.")
         if labelled is None:
             labelled = bool(moments.labelled) and labels_usable(
                 moments.class_counts(), type(self).__name__, required=self.class_conditional is True, stacklevel=5)
         pooled = not labelled
         self.classes_ = None if pooled else moments.class_labels()
-        self.centroids_, self.precision_ = self._model(moments, None, pooled, columns, check=True)[1:]
+        self.centroids_, self.precision_ = self._model(moments, None, pooled, columns, check=owner)[1:]
         self.whitening_ = None if self.precision_ is None else whitening_from_precision(self.precision_)
         self.offset_ = offset_for_tpr(self._threshold_scores(moments, pooled, columns), self.target_tpr)
         return self
 
-    def _model(self, moments, exclude_fold, pooled, columns, check=False):
-        """``(slots, centroids, precision)`` of the rows outside ``exclude_fold``."""
+    def _model(self, moments, exclude_fold, pooled, columns, check=None):
+        """``(slots, centroids, precision)`` of the rows outside ``exclude_fold``.
+
+        ``check``: the name to use in an error when the rows do not vary (None: no check).
+        """
         slots, counts, centroids, scatter = moments.model(exclude_fold, pooled=pooled, columns=columns)
         if self.metric != "mahalanobis":
             return slots, centroids, None
         if check and not np.any(scatter):
             raise ValueError(
-                f"{type(self).__name__}: the ID features do not vary around their centroids (all samples "
+                f"{check}: the ID features do not vary around their centroids (all samples "
                 "identical within their class), so no covariance can be estimated. Fit on more varied "
                 "ID data, or use metric='euclidean'."
             )

@@ -74,6 +74,8 @@ def check_labels(y):
     """Refuse labels that are not classes (continuous, multilabel...), as scikit-learn's
     ``check_classification_targets`` does, without its many-classes warning: degenerate class
     counts are judged once all batches are in (``labels_usable``)."""
+    if y.dtype.kind == "f" and np.isnan(y).any():
+        raise ValueError("Input y contains NaN: every image needs a class label.")
     kind = type_of_target(y, input_name="y")
     if kind not in ("binary", "multiclass", "multiclass-multioutput", "multilabel-indicator"):
         raise ValueError(f"Unknown label type: {kind}. Class labels must be integers or strings, one per image.")
@@ -187,5 +189,8 @@ def validate_fit_images(estimator, X, batch_size):
         sample = first_input(X, batch_size, type(estimator).__name__)
         estimator.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         return X, sample
+    if X is None or np.ndim(X) == 0:
+        raise ValueError(f"{type(estimator).__name__}.fit takes ID images, an array or tensor of shape "
+                         f"(N, C, H, W), a torch Dataset or a DataLoader; got {type(X).__name__} {X!r:.40}.")
     X = validate_images(estimator, X, reset=True)
     return X, X[:1]

@@ -105,6 +105,9 @@ class FeatureMoments:
         values, inverse = np.unique(y, return_inverse=True)
         index = {label: i for i, label in enumerate(self.labels)}
         new = [v.item() if isinstance(v, np.generic) else v for v in values if v not in index]
+        if new and self.labels and isinstance(new[0], str) != isinstance(self.labels[0], str):
+            raise ValueError(f"Labels such as {new[0]!r} mix with the earlier batches' labels such as "
+                             f"{self.labels[0]!r}: give every batch labels of one type (all strings or all numbers).")
         self._add_slots(new)
         index = {label: i for i, label in enumerate(self.labels)}
         return np.array([index[v] for v in values], dtype=np.intp)[inverse.reshape(-1)]

@@ -66,7 +66,14 @@ def resolve_device(device):
     """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device``."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for a GPU, but torch finds no CUDA device on this machine "
+                         "(torch.cuda.is_available() is False); use device='auto', which falls back to the CPU.")
+    return resolved
 
 
 def input_dtype(module):
