@@ -41,11 +41,12 @@ setup(
         # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests
         "test": ["pytest>=7", "hypothesis>=6", "sphinx>=7", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15",
                  "sphinx-gallery>=0.16", "myst-parser>=2", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "distributed>=2024.1"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "distributed>=2024.1", "zstandard>=0.22"],
         # fitting on a Dask cluster (DaskShards)
         "distributed": ["distributed>=2024.1"],
         # the cloud server and the edge runner (earlin serve-cloud / run-edge)
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        # (zstandard: compressed activation bodies, --compression zstd)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "zstandard>=0.22"],
         # benchmarks only: the peer library the baselines are validated against
         "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6"],
         "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from ._constants import DEMO_LAYERS, ENCODINGS, IMAGE_FORMATS, UPLOADS
+from ._constants import COMPRESSIONS, DEMO_LAYERS, ENCODINGS, IMAGE_FORMATS, UPLOADS
 
 
 def _secret_options(sub_parser):
@@ -55,6 +55,8 @@ def main(argv=None):
     edge.add_argument("--upload", choices=UPLOADS, default="auto")
     edge.add_argument("--encoding", choices=ENCODINGS + IMAGE_FORMATS, default="float32",
                       help="tensor encoding, or png/jpeg: upload the camera image (needs a split with preprocessing)")
+    edge.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                      help="entropy-code tensor bodies (zstd: pip install zstandard, on both sides)")
     edge.add_argument("--jpeg-quality", type=int, default=90)
     edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
     edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input, written as it goes")
@@ -112,13 +114,14 @@ def main(argv=None):
             X, y = read_inputs(args.input, args.mean, args.std, keep_uint8=images)
             with EdgeRunner(args.split_dir, args.url, upload="raw" if images else args.upload, encoding=args.encoding,
                             token=args.token, key=args.key, timeout=args.timeout, retries=args.retries,
-                            jpeg_quality=args.jpeg_quality) as runner:
+                            jpeg_quality=args.jpeg_quality, compression=args.compression) as runner:
                 records = runner.run(X, labels=y, log=args.log, resume=args.resume)
         except (CloudRefused, ValueError, FileNotFoundError) as exc:
             print(f"earlin run-edge: {exc}", file=sys.stderr)
             return 2
         summary = summarize(records)
-        print(f"{summary['inputs']} inputs, {summary['uploaded']} uploaded ({runner.upload}, {args.encoding}), "
+        print(f"{summary['inputs']} inputs, {summary['uploaded']} uploaded ({runner.upload}, {args.encoding}"
+              f"{'' if args.compression == 'none' else '+' + args.compression}), "
               f"{summary['failed']} failed, {summary['bytes_sent']} bytes sent, latency p50 "
               f"{summary['latency_p50_ms']:.2f} ms, p95 {summary['latency_p95_ms']:.2f} ms; log: {args.log}")
         if summary["failed"]:

@@ -4,3 +4,4 @@ ENCODINGS = ("float32", "float16", "int8")
 UPLOADS = ("activations", "raw", "auto")
 DEMO_LAYERS = ("stem", "layer1", "layer2")
 IMAGE_FORMATS = ("png", "jpeg")  # raw uploads as image files, decoded and preprocessed by the server
+COMPRESSIONS = ("none", "zstd")  # entropy coding of tensor bodies (image files are compressed already)

@@ -1,7 +1,7 @@
 """Cost model: what a split costs (parameters, FLOPs, payload bytes) and what collaborative inference saves."""
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
-
 from numbers import Real
 
 import numpy as np
@@ -11,6 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._protocol import dequantize_uint8, encoded_size, quantize_uint8, transfer_seconds
 
+
+
+PAYLOADS = ("float32", "float16", "int8", "float16+zstd", "int8+zstd")
+RAWS = ("uint8", "float32", "png", "jpeg")
 
 
 def count_flops(module, *args):
@@ -35,7 +39,11 @@ class SplitCost:
     Bytes are per input; ``raw_uint8`` is the image as 8-bit pixels (what a
     camera would send, before any image compression), ``raw_float32`` the
     normalized tensor. ``payload_int8`` adds 8 bytes per tensor for the
-    quantization scale and offset.
+    quantization scale and offset. The compressed sizes are means over the
+    sample inputs, measured (NaN when not measured): ``raw_png`` and
+    ``raw_jpeg`` (quality 90) from the camera images given to
+    :func:`split_cost`, ``payload_*_zstd`` the activation bodies entropy-coded
+    with Zstandard (level 3), one input per body as the edge runner sends them.
     """
 
     edge_params: int
@@ -51,6 +59,10 @@ class SplitCost:
     payload_float16_bytes: int
     payload_int8_bytes: int
     payload_shapes: list = field(default_factory=list)
+    raw_png_bytes: float = float("nan")
+    raw_jpeg_bytes: float = float("nan")
+    payload_float16_zstd_bytes: float = float("nan")
+    payload_int8_zstd_bytes: float = float("nan")
     float16_agreement: float = float("nan")
     int8_agreement: float = float("nan")
     accuracy_float32: float = float("nan")
@@ -89,6 +101,15 @@ class SplitCost:
             + self._effect(self.int8_agreement, self.accuracy_int8),
             f"(payload tensors per input: {self.payload_shapes})",
         ]
+        measured = [(name, b) for name, b in (("raw image, PNG", self.raw_png_bytes),
+                                              ("raw image, JPEG q90", self.raw_jpeg_bytes),
+                                              ("activations, f16+zstd", self.payload_float16_zstd_bytes),
+                                              ("activations, int8+zstd", self.payload_int8_zstd_bytes))
+                    if not np.isnan(b)]
+        if measured:
+            lines.insert(-1, "compressed (mean over the sample inputs):")
+            for name, b in measured:
+                lines.insert(-1, f"{name:<22}{kb(int(round(b))):>12}{b / raw:>14.2f}")
         if self.payload_float32_bytes > self.raw_float32_bytes:
             lines.append("note: the float32 activations are LARGER than the float32 input tensor: "
                          "uploading the raw input can be cheaper (see collaborative_cost).")
@@ -103,7 +124,11 @@ class SplitCost:
         return text
 
 
-def split_cost(edge, cloud, X, y=None, backbone=None):
+def _mean_size(bodies):
+    return float(np.mean([len(b) for b in bodies]))
+
+
+def split_cost(edge, cloud, X, y=None, backbone=None, images=None):
     """Measure the costs of a split on sample inputs.
 
     Parameters
@@ -119,6 +144,11 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
         Labels: the accuracy of each payload precision is reported too.
     backbone : torch.nn.Module, default=None
         The whole model, for its FLOPs; by default edge prefix + cloud.
+    images : array of shape (N, H, W, C), uint8, default=None
+        The camera images that ``X`` was made from: their PNG and JPEG sizes
+        are measured, what a camera would upload without EARLIN. The
+        Zstandard sizes of the activations are measured whenever
+        ``zstandard`` is installed.
 
     Returns
     -------
@@ -166,11 +196,25 @@ def split_cost(edge, cloud, X, y=None, backbone=None):
         payload_shapes=[list(t.shape[1:]) for t in crossing],
         n_eval=int(X.shape[0]),
     )
+    if images is not None:
+        from ._protocol import encode_image
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images are uint8 camera pixels (N, H, W, C); got {images.dtype} of shape {images.shape}.")
+        cost.raw_png_bytes = _mean_size(encode_image(im, "png") for im in images)
+        cost.raw_jpeg_bytes = _mean_size(encode_image(im, "jpeg", 90) for im in images)
     with torch.no_grad():
         payload = edge.taps_and_crossing(X)[1]
         ref = cloud.suffix(*payload)
         half = cloud.suffix(*[p.half().float() for p in payload])
         int8 = cloud.suffix(*[dequantize_uint8(*quantize_uint8(p)) for p in payload])
+    if importlib.util.find_spec("zstandard") is not None:
+        from ._protocol import compress, encode
+
+        for encoding in ("float16", "int8"):
+            sizes = [len(compress(encode([p[i:i + 1] for p in payload], encoding), "zstd")) for i in range(X.shape[0])]
+            setattr(cost, f"payload_{encoding}_zstd_bytes", float(np.mean(sizes)))
     if ref.dim() == 2 and ref.shape[1] > 1:
         top = ref.argmax(1)
         cost.float16_agreement = float((half.argmax(1) == top).float().mean())
@@ -202,8 +246,8 @@ class Strategy:
         "uplink_mbit_s": [Interval(Real, 0, None, closed="neither")],
         "edge_gflop_s": [Interval(Real, 0, None, closed="neither")],
         "cloud_gflop_s": [Interval(Real, 0, None, closed="neither")],
-        "payload": [StrOptions({"float32", "float16", "int8"})],
-        "raw": [StrOptions({"uint8", "float32"})],
+        "payload": [StrOptions(set(PAYLOADS))],
+        "raw": [StrOptions(set(RAWS))],
     },
     prefer_skip_nested_validation=True,
 )
@@ -242,8 +286,12 @@ def collaborative_cost(
     uplink_mbit_s : float, default=10
     edge_gflop_s, cloud_gflop_s : float, default=5 and 1000
         Sustained compute speed of each side, in GFLOP/s.
-    payload : {"float32", "float16", "int8"}, default="float32"
-    raw : {"uint8", "float32"}, default="uint8"
+    payload : {"float32", "float16", "int8", "float16+zstd", "int8+zstd"}, default="float32"
+        How the activations are sent; the ``+zstd`` sizes must have been
+        measured by :func:`split_cost`.
+    raw : {"uint8", "float32", "png", "jpeg"}, default="uint8"
+        How a raw input is sent; ``"png"`` and ``"jpeg"`` (image files, what a
+        camera uploads) need ``split_cost(..., images=...)``.
 
     Returns
     -------
@@ -262,12 +310,19 @@ def collaborative_cost(
     >>> round(collaborative_cost(cost, 0.5, 0.95, 0.9).strategies[2].upload_fraction, 3)
     0.525
     """
-    raw_bytes = {"uint8": cost.raw_uint8_bytes, "float32": cost.raw_float32_bytes}[raw]
+    raw_bytes = {"uint8": cost.raw_uint8_bytes, "float32": cost.raw_float32_bytes, "png": cost.raw_png_bytes,
+                 "jpeg": cost.raw_jpeg_bytes}[raw]
     payload_bytes = {
         "float32": cost.payload_float32_bytes,
         "float16": cost.payload_float16_bytes,
         "int8": cost.payload_int8_bytes,
+        "float16+zstd": cost.payload_float16_zstd_bytes,
+        "int8+zstd": cost.payload_int8_zstd_bytes,
     }[payload]
+    for name, value, how in ((f"raw={raw!r}", raw_bytes, "split_cost(..., images=camera_images)"),
+                             (f"payload={payload!r}", payload_bytes, "split_cost with zstandard installed")):
+        if np.isnan(value):
+            raise ValueError(f"{name}: its size was not measured; measure it with {how}.")
     up = (1 - ood_fraction) * tpr + ood_fraction * (1 - tnr)
     edge_flops = cost.edge_flops + cost.detector_flops
     edge_s = edge_flops / (edge_gflop_s * 1e9)
@@ -314,10 +369,10 @@ class CostComparison:
         lines = [
             f"stream: {100 * s['ood_fraction']:.0f}% OOD; detector TPR {100 * s['tpr']:.1f}%, TNR {100 * s['tnr']:.1f}%; "
             f"uplink {s['uplink_mbit_s']:g} Mbit/s; edge {s['edge_gflop_s']:g} GFLOP/s; cloud {s['cloud_gflop_s']:g} GFLOP/s",
-            f"{'strategy':<32}{'uploaded':>9}{'bytes/input':>13}{'latency ms':>12}{'cloud MFLOPs':>14}{'edge MFLOPs':>13}",
+            f"{'strategy':<36}{'uploaded':>9}{'bytes/input':>13}{'latency ms':>12}{'cloud MFLOPs':>14}{'edge MFLOPs':>13}",
         ]
         for st in self.strategies:
-            lines.append(f"{st.name:<32}{100 * st.upload_fraction:>8.1f}%{st.bytes_per_input:>13.0f}"
+            lines.append(f"{st.name:<36}{100 * st.upload_fraction:>8.1f}%{st.bytes_per_input:>13.0f}"
                          f"{st.latency_ms:>12.3f}{st.cloud_mflops_per_input:>14.2f}{st.edge_mflops_per_input:>13.2f}")
         lines.append(f"cheapest: {self.cheapest('latency_ms')} (latency), {self.cheapest('bytes_per_input')} (bytes)")
         return "\n".join(lines)

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._protocol import (ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode, encode_image, encoded_size,
+from ._protocol import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compress, encode,
+                        encode_image, encoded_size,
                         preprocess, transfer_seconds)
-from ._constants import IMAGE_FORMATS, UPLOADS
+from ._constants import COMPRESSIONS, IMAGE_FORMATS, UPLOADS
 from ._export import load_split
 from .exceptions import EarlinWarning
 
@@ -47,15 +48,21 @@ class CloudRefused(RuntimeError):
     """The server refused the runner itself (token, split version): no later upload can succeed."""
 
 
-def choose_upload(manifest, encoding="float32", uplink_mbit_s=10.0, cloud_gflop_s=1000.0):
+def choose_upload(manifest, encoding="float32", uplink_mbit_s=10.0, cloud_gflop_s=1000.0, act_bytes=None,
+                  raw_bytes=None):
     """The cost model's choice for an accepted input: ``"activations"`` or ``"raw"``.
 
     Edge compute is the same either way, so the choice is the cheaper of
     (payload transfer + cloud part) and (input transfer + whole model).
+    ``act_bytes`` and ``raw_bytes`` are the two bodies' sizes when they were
+    measured (compressed bodies: their size depends on the input); by
+    default, the uncompressed sizes in ``encoding``.
     """
     payload_shapes = [p["shape"] for p in manifest["payload"]]
-    act_bytes = encoded_size(payload_shapes, 1, encoding)
-    raw_bytes = encoded_size([manifest["input_shape"]], 1, encoding)
+    if act_bytes is None:
+        act_bytes = encoded_size(payload_shapes, 1, encoding)
+    if raw_bytes is None:
+        raw_bytes = encoded_size([manifest["input_shape"]], 1, encoding)
     fps = cloud_gflop_s * 1e9
     t_act = transfer_seconds(act_bytes, uplink_mbit_s) + manifest["flops"]["cloud"] / fps
     t_raw = transfer_seconds(raw_bytes, uplink_mbit_s) + manifest["flops"]["full"] / fps
@@ -82,6 +89,12 @@ class EdgeRunner:
         ``preprocessing``, which the runner applies for the edge part and the
         server for the whole model.
     jpeg_quality : int, default=90
+    compression : {"none", "zstd"}, default="none"
+        Entropy-code tensor bodies with Zstandard (``pip install zstandard``
+        on both sides); not for image files, which are compressed already.
+        With ``upload="auto"``, the choice between activations and the raw
+        tensor is then made on the first accepted input, from the sizes of
+        its two compressed bodies.
     token : str, default=None
         Bearer token of the server.
     uplink_mbit_s, cloud_gflop_s : float
@@ -119,7 +132,7 @@ class EdgeRunner:
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
                  uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5,
-                 jpeg_quality=90):
+                 jpeg_quality=90, compression="none"):
         from ._optional import require
 
         (httpx,) = require("EdgeRunner", "serve", "httpx")
@@ -130,6 +143,14 @@ class EdgeRunner:
             raise ValueError(f"encoding must be one of {ENCODINGS + IMAGE_FORMATS}; got {encoding!r}.")
         if encoding in IMAGE_FORMATS and upload == "activations":
             raise ValueError(f"encoding={encoding!r} uploads the image file: use upload='raw' (or 'auto').")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}; got {compression!r}.")
+        if compression != "none" and encoding in IMAGE_FORMATS:
+            raise ValueError(f"{encoding} files are compressed already: use compression='none'.")
+        if compression != "none":
+            compress(b"", compression)  # a missing zstandard is named now, not at the first upload
+        self.compression = compression
+        self._choose = dict(encoding=encoding, uplink_mbit_s=uplink_mbit_s, cloud_gflop_s=cloud_gflop_s)
         self.jpeg_quality = int(jpeg_quality)
         if int(retries) < 0 or backoff < 0 or timeout <= 0:
             raise ValueError("retries and backoff must be >= 0 and timeout > 0.")
@@ -140,11 +161,13 @@ class EdgeRunner:
                              "'std': ...}): the server turns the file into the model input with it.")
         if encoding in IMAGE_FORMATS:
             self.upload = "raw"
+        elif upload == "auto" and compression != "none":
+            self.upload = "auto"  # decided on the first accepted input, from measured sizes
         else:
             self.upload = choose_upload(self.manifest, encoding, uplink_mbit_s, cloud_gflop_s) if upload == "auto" else upload
         self.encoding = encoding
         headers = {HEADER_ENCODING: encoding, HEADER_VERSION: self.manifest["version"], HEADER_BATCH: "1",
-                   "Content-Type": "application/octet-stream"}
+                   HEADER_COMPRESSION: compression, "Content-Type": "application/octet-stream"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
@@ -185,11 +208,19 @@ class EdgeRunner:
         accepted = bool(is_id[0])
         record = EdgeRecord(index, accepted, float(score[0]), "", 0, 0.0, -1, int(label))
         if accepted:
-            record.uploaded = self.upload
             if image is not None:
+                record.uploaded = self.upload
                 body = encode_image(image, self.encoding, self.jpeg_quality)
             else:
-                body = encode(payload if record.uploaded == "activations" else [x], self.encoding)
+                bodies = {}
+                if self.upload == "auto":  # first accepted input: measure both compressed bodies, decide once
+                    bodies = {kind: compress(encode(t, self.encoding), self.compression)
+                              for kind, t in (("activations", payload), ("raw", [x]))}
+                    self.upload = choose_upload(self.manifest, act_bytes=len(bodies["activations"]),
+                                                raw_bytes=len(bodies["raw"]), **self._choose)
+                record.uploaded = self.upload
+                body = bodies.get(self.upload) or compress(
+                    encode(payload if self.upload == "activations" else [x], self.encoding), self.compression)
             self._upload(record, body)
         record.latency_ms = 1e3 * (time.perf_counter() - t0)
         return record

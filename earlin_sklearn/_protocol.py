@@ -8,8 +8,10 @@ and little-endian, encoded as:
   ``uint8`` codes (per-input affine quantization, see :func:`quantize_uint8`).
 
 Headers carry what the body cannot: ``X-Earlin-Batch`` (N),
-``X-Earlin-Encoding`` and ``X-Earlin-Version`` (the cloud model the payload
-was cut for; activations of another model would be silently wrong).
+``X-Earlin-Encoding``, ``X-Earlin-Compression`` (``none`` or ``zstd``: the
+body above, entropy-coded with Zstandard) and ``X-Earlin-Version`` (the cloud
+model the payload was cut for; activations of another model would be
+silently wrong).
 """
 
 import io
@@ -17,12 +19,51 @@ import io
 import numpy as np
 import torch
 
-from ._constants import ENCODINGS, IMAGE_FORMATS
+from ._constants import COMPRESSIONS, ENCODINGS, IMAGE_FORMATS
 
 
 HEADER_BATCH = "X-Earlin-Batch"
 HEADER_ENCODING = "X-Earlin-Encoding"
 HEADER_VERSION = "X-Earlin-Version"
+HEADER_COMPRESSION = "X-Earlin-Compression"
+
+
+def _zstd():
+    from ._optional import require
+
+    return require("zstd compression", "serve", "zstandard")[0]
+
+
+def compress(body, compression, level=3):
+    """``body`` entropy-coded (``"zstd"``: Zstandard at ``level``) or as it is (``"none"``)."""
+    if compression == "none":
+        return body
+    if compression != "zstd":
+        raise ValueError(f"compression must be one of {COMPRESSIONS}; got {compression!r}.")
+    return _zstd().ZstdCompressor(level=level).compress(body)
+
+
+def compressed_limit(expected):
+    """Most bytes a compressed body of ``expected`` bytes may take (Zstandard's worst case, with margin)."""
+    return expected + expected // 128 + 1024
+
+
+def decompress(body, compression, expected):
+    """The body of ``expected`` bytes; ValueError when it is damaged or decompresses to anything else.
+
+    Decompression stops at ``expected`` bytes, so a small body that would
+    inflate to gigabytes (a decompression bomb) costs nothing.
+    """
+    if compression == "none":
+        return body
+    zstd = _zstd()
+    try:
+        out = zstd.ZstdDecompressor().decompress(body, max_output_size=expected)
+    except zstd.ZstdError as exc:
+        raise ValueError(f"the zstd body is damaged or larger than the {expected} bytes expected: {exc}") from None
+    if len(out) != expected:
+        raise ValueError(f"the zstd body holds {len(out)} bytes; {expected} were expected.")
+    return out
 
 
 def quantize_uint8(t):

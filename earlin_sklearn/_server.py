@@ -5,6 +5,7 @@ little code; uvicorn is its standard server. Both are well kept and pure
 Python wheels (``pip install earlin_sklearn[serve]``).
 """
 
+import importlib.util
 import logging
 import secrets
 import time
@@ -13,9 +14,10 @@ import numpy as np
 
 import torch
 
-from ._constants import IMAGE_FORMATS
+from ._constants import COMPRESSIONS, IMAGE_FORMATS
 from ._export import load_split
-from ._protocol import ENCODINGS, HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, decode_image, encoded_size
+from ._protocol import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compressed_limit,
+                        decode, decode_image, decompress, encoded_size)
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,14 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             raise HTTPException(400, f"{HEADER_BATCH} must be in [1, {max_batch}]; got {batch}")
         if encoding in IMAGE_FORMATS and batch != 1:
             raise HTTPException(400, f"an image file holds one input: {HEADER_BATCH} must be 1; got {batch}")
-        return encoding, batch
+        compression = request.headers.get(HEADER_COMPRESSION, "none")
+        if compression not in COMPRESSIONS:
+            raise HTTPException(415, f"{HEADER_COMPRESSION} must be one of {list(COMPRESSIONS)}; got {compression!r}")
+        if compression != "none" and encoding in IMAGE_FORMATS:
+            raise HTTPException(415, f"{encoding} files are compressed already: send them with {HEADER_COMPRESSION}: none")
+        if compression == "zstd" and importlib.util.find_spec("zstandard") is None:
+            raise HTTPException(415, "this server cannot decompress zstd (pip install zstandard); send uncompressed bodies")
+        return encoding, batch, compression
 
     async def read_body(request, expected):
         length = request.headers.get("content-length")
@@ -176,10 +185,13 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     max_image_bytes = 2 * int(np.prod(input_shape)) + 65536
 
     async def handle(request, shapes, compute, images=False):
-        encoding, batch = check(request, images)
+        encoding, batch, compression = check(request, images)
         is_image = encoding in IMAGE_FORMATS
-        body = await read_body(request, max_image_bytes if is_image else encoded_size(shapes, batch, encoding))
+        expected = max_image_bytes if is_image else encoded_size(shapes, batch, encoding)
+        body = await read_body(request, expected if compression == "none" else compressed_limit(expected))
         try:
+            if compression != "none":
+                body = await run_in_threadpool(decompress, body, compression, expected)
             if is_image:
                 tensors = [decode_image(body, encoding, input_shape, manifest["preprocessing"])]
             else:

@@ -73,3 +73,31 @@ def test_cost_model_arithmetic(resnet_cost):
 def test_cost_model_rejects_bad_rates(resnet_cost):
     with pytest.raises(ValueError, match="tnr"):
         collaborative_cost(resnet_cost[1], 0.3, 0.95, 1.5)
+
+
+def test_compressed_sizes_are_measured_and_priced():
+    pytest.importorskip("zstandard")
+    import numpy as np
+
+    from earlin_sklearn._protocol import compress, encode, encode_image
+
+    torch.manual_seed(0)
+    X = torch.rand(12, 3, 32, 32)
+    images = (X.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)  # the camera pixels X came from
+    det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(12) % 2)
+    edge, cloud = det.export_split()
+    cost = split_cost(edge, cloud, X, images=images)
+    payload = edge.taps_and_crossing(X[:1])[1]
+    assert cost.raw_png_bytes == pytest.approx(np.mean([len(encode_image(im, "png")) for im in images]))
+    assert cost.payload_int8_zstd_bytes > 0 and cost.payload_float16_zstd_bytes > 0
+    one = len(compress(encode(payload, "int8"), "zstd"))
+    assert 0.5 * one < cost.payload_int8_zstd_bytes < 2 * one
+    assert "raw image, PNG" in str(cost) and "int8+zstd" in str(cost)
+    png = collaborative_cost(cost, 0.5, 0.95, 0.9, payload="int8+zstd", raw="png")
+    assert png.strategies[0].bytes_per_input == pytest.approx(cost.raw_png_bytes)
+    assert png.strategies[1].bytes_per_input == pytest.approx(png.strategies[1].upload_fraction * cost.payload_int8_zstd_bytes)
+    without = split_cost(edge, cloud, X)
+    with pytest.raises(ValueError, match="images=camera_images"):
+        collaborative_cost(without, 0.5, 0.95, 0.9, raw="png")
+    with pytest.raises(ValueError, match="uint8 camera pixels"):
+        split_cost(edge, cloud, X, images=images.astype(np.float32))

@@ -38,13 +38,18 @@ def stream():
     return torch.from_numpy(np.concatenate([X_id, X_ood])), np.r_[y_id, -np.ones(10, int)]
 
 
-@pytest.mark.parametrize("upload,encoding", [("activations", "float32"), ("raw", "float32"), ("activations", "float16")])
-def test_edge_runner_against_the_server(deployment, upload, encoding, tmp_path):
+@pytest.mark.parametrize("upload,encoding,compression", [
+    ("activations", "float32", "none"), ("raw", "float32", "none"), ("activations", "float16", "none"),
+    ("activations", "float32", "zstd"), ("raw", "float32", "zstd"), ("activations", "float16", "zstd")])
+def test_edge_runner_against_the_server(deployment, upload, encoding, compression, tmp_path):
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
     X, y = stream()
     with torch.no_grad():
         full = deployment["model"](X).argmax(1).numpy()
     expected_id = deployment["det"].predict(X) == 1
-    with EdgeRunner(deployment["dir"], deployment["url"], upload=upload, encoding=encoding, token=TOKEN) as runner:
+    with EdgeRunner(deployment["dir"], deployment["url"], upload=upload, encoding=encoding, token=TOKEN,
+                    compression=compression) as runner:
         records = runner.run(X, labels=y, log=tmp_path / "log.jsonl")
     assert [r.is_id for r in records] == expected_id.tolist()
     assert 0 < sum(expected_id) < len(X)
@@ -99,6 +104,47 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment)
         assert ok.status_code == 200 and len(ok.json()["predictions"]) == 1
         health = c.get("/health").json()
         assert health["status"] == "ok" and health["version"] == manifest["version"]
+
+
+def test_zstd_bodies_are_decompressed_with_a_limit(deployment):
+    zstandard = pytest.importorskip("zstandard")
+    from earlin_sklearn._protocol import compress
+
+    manifest = json.loads((deployment["dir"] / "split.json").read_text())
+    shapes = [p["shape"] for p in manifest["payload"]]
+    payload = [torch.randn(1, *s) for s in shapes]
+    plain, packed = encode(payload, "float32"), compress(encode(payload, "float32"), "zstd")
+    auth = {"Authorization": f"Bearer {TOKEN}", "X-Earlin-Version": manifest["version"]}
+    zstd = {**auth, "X-Earlin-Compression": "zstd"}
+    # a bomb: a few hundred bytes that would inflate to 50 MB, with no content size in its header
+    bomb = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 50_000_000)
+    with httpx.Client(base_url=deployment["url"]) as c:
+        same = [c.post("/v1/activations", content=b, headers=h).json()["predictions"]
+                for b, h in ((plain, auth), (packed, zstd))]
+        assert same[0] == same[1]
+        for body, headers, status in [
+            (packed, {**auth, "X-Earlin-Compression": "gzip"}, 415),
+            (plain, zstd, 400),  # not a zstd frame
+            (packed[:-5], zstd, 400),  # truncated frame
+            (compress(plain + b"\0" * 4, "zstd"), zstd, 400),  # decompresses to more than one input's bytes
+            (bomb, zstd, 400),
+        ]:
+            r = c.post("/v1/activations", content=body, headers=headers)
+            assert r.status_code == status, (r.status_code, r.text)
+        assert len(bomb) < 10_000
+        ok = c.post("/v1/activations", content=packed, headers=zstd)
+        assert ok.status_code == 200
+
+
+def test_auto_upload_with_compression_measures_the_first_input(deployment):
+    pytest.importorskip("zstandard")
+    X, _ = stream()
+    with EdgeRunner(deployment["dir"], deployment["url"], upload="auto", token=TOKEN, compression="zstd",
+                    uplink_mbit_s=1.0) as runner:
+        assert runner.upload == "auto"
+        records = runner.run(X[:20])
+    uploaded = {r.uploaded for r in records if r.is_id}
+    assert len(uploaded) == 1 and runner.upload in ("raw", "activations") and uploaded == {runner.upload}
 
 
 def test_server_errors_are_reported_by_the_runner(deployment):
