@@ -1,22 +1,35 @@
-"""Collaborative inference for real: the cloud server on loopback, the edge runner on mixed streams.
+"""Collaborative inference end to end: the cloud server on loopback, camera images, three kinds of stream.
 
     python benchmarks/bench_collab.py --data-dir ../shared/data
 
-ResNet-20 (CIFAR-10 checkpoint) cut at layer1 with the default detector,
-fitted on the CIFAR-10 train subset. Streams of --n inputs mix CIFAR-10 test
-images (ID) with OOD images (Tiny-ImageNet, SVHN, MNIST, Gaussian and
-uniform noise in equal shares) at OOD fractions 0.1, 0.3 and 0.5. Each
-stream is served five ways: cloud only (every input uploaded, the cloud runs
-the whole model) and EARLIN (the edge rejects OOD inputs, uploads the cut
-activations in float32/float16/int8, or the raw input).
+ResNet-20 (CIFAR-10 checkpoint), all detectors fitted on the CIFAR-10 train
+subset only. Every input is a camera image (uint8 pixels); every upload is
+a PNG file (lossless; the server decodes it and applies the model's
+normalization), which for CIFAR-sized images is smaller than the cut
+activations even with int8 + zstd (see ``split_cost``). Four strategies,
+each over the real server and edge runner:
 
-Overall accuracy: an ID input is right when the cloud's prediction is its
-label, an OOD input when it is rejected (cloud only rejects nothing).
-Latency is measured end to end per input on loopback (no network delay);
-"latency @10 Mbit/s" adds the time the bytes sent would take on a 10 Mbit/s uplink.
+- ``cloud only``: every image uploaded, the cloud runs the model, nothing is
+  rejected;
+- ``cloud only + deep detector``: every image uploaded, the cloud rejects by
+  the energy score of its logits (``TwoStageDetector(edge_share=0)``: the
+  whole 95% budget in the cloud);
+- ``EARLIN edge only``: the default detector at ``layer1`` rejects on the
+  device (95%), accepted images are uploaded;
+- ``EARLIN two-stage``: ``TwoStageDetector`` (edge and cloud at 97.5% each,
+  95% together): the edge rejects far OOD, the cloud near OOD.
+
+Streams of ``--n`` inputs mix CIFAR-10 test images (ID) with OOD images at
+10/30/50% OOD: ``far`` (Tiny-ImageNet, SVHN, MNIST, Textures, Gaussian and
+uniform noise in equal shares), ``near`` (CIFAR-100) and ``mixed`` (half far,
+half near). Overall accuracy: an OOD input is right when it is rejected
+anywhere, an ID input when it gets its true class. "ID lost": ID inputs
+rejected by a detector. Latency is measured per input on loopback;
+"@ uplink" adds the time its bytes take at ``--uplink-mbit-s``.
 """
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -27,11 +40,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, load_model, load_sets, machine, write_json  # noqa: E402
+from common import FAR_OOD, camera_sets, load_model, load_sets, machine, preprocessing, write_json  # noqa: E402
 
-from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
+from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, save_split  # noqa: E402
 from earlin_sklearn._edge_runner import EdgeRecord, EdgeRunner  # noqa: E402
-from earlin_sklearn._protocol import HEADER_VERSION, encode  # noqa: E402
+from earlin_sklearn._protocol import HEADER_ENCODING, HEADER_VERSION, encode_image  # noqa: E402
+
+STRATEGIES = ("cloud only", "cloud only + deep detector", "EARLIN edge only", "EARLIN two-stage")
+STREAMS = ("far", "near", "mixed")
 
 
 def free_port():
@@ -61,31 +77,40 @@ def start_server(split_dir, port, *options, global_options=()):
     raise RuntimeError("the cloud server did not start")
 
 
-def cloud_only(url, version, X, labels):
-    """Every input uploaded raw; the cloud runs the whole model."""
+def cloud_only(url, version, images, labels):
+    """Every image uploaded as PNG; the cloud runs the whole model (and its detector, if the split has one)."""
     import httpx
 
     records = []
-    with httpx.Client(base_url=url, headers={HEADER_VERSION: version}) as client:
-        for i, (x, lab) in enumerate(zip(X, labels)):
+    headers = {HEADER_VERSION: version, HEADER_ENCODING: "png"}
+    with httpx.Client(base_url=url, headers=headers) as client:
+        for i, (image, label) in enumerate(zip(images, labels)):
             t0 = time.perf_counter()
-            body = encode([x[None]], "float32")
+            body = encode_image(image, "png")
             r = client.post("/v1/raw", content=body)
             r.raise_for_status()
-            records.append(EdgeRecord(i, True, float("nan"), "raw", len(body), 1e3 * (time.perf_counter() - t0),
-                                      int(r.json()["predictions"][0]), int(lab)))
+            answer = r.json()
+            rec = EdgeRecord(i, True, float("nan"), "raw", len(body), 1e3 * (time.perf_counter() - t0),
+                             int(answer["predictions"][0]), int(label))
+            if "cloud_is_id" in answer:
+                rec.cloud_is_id = bool(answer["cloud_is_id"][0])
+            records.append(rec)
     return records
 
 
-def make_stream(Xte, yte, ood, n, ood_fraction, rng):
+def make_stream(kind, Xte, yte, ood, n, ood_fraction, rng):
+    """``n`` camera images: ID test images and a share ``ood_fraction`` of OOD ones, shuffled; label -1 is OOD."""
     n_ood = int(round(n * ood_fraction))
     ids = rng.choice(len(Xte), n - n_ood, replace=False)
-    parts, labels = [Xte[ids]], [yte[ids].numpy()]
-    for k, name in enumerate(FAR_OOD):
-        m = n_ood // len(FAR_OOD) + (1 if k < n_ood % len(FAR_OOD) else 0)
-        parts.append(ood[name][rng.choice(len(ood[name]), m, replace=False)])
-        labels.append(-np.ones(m, dtype=int))
-    X, y = torch.cat(parts), np.concatenate(labels)
+    parts, labels = [Xte[ids]], [yte[ids]]
+    far_n = {"far": n_ood, "near": 0, "mixed": n_ood // 2}[kind]
+    sources = [(name, far_n // len(FAR_OOD) + (1 if k < far_n % len(FAR_OOD) else 0)) for k, name in enumerate(FAR_OOD)]
+    sources.append(("CIFAR-100", n_ood - far_n))
+    for name, m in sources:
+        if m:
+            parts.append(ood[name][rng.choice(len(ood[name]), m, replace=False)])
+            labels.append(-np.ones(m, dtype=int))
+    X, y = np.concatenate(parts), np.concatenate(labels)
     order = rng.permutation(len(X))
     return X[order], y[order]
 
@@ -93,85 +118,124 @@ def make_stream(Xte, yte, ood, n, ood_fraction, rng):
 def summarize(name, records, manifest, uplink_mbit_s):
     lat = np.array([r.latency_ms for r in records])
     net = np.array([8 * r.bytes_sent / (uplink_mbit_s * 1e6) * 1e3 for r in records])
-    right = [(r.prediction == r.label) if r.label >= 0 else (not r.is_id) for r in records]
+
+    def accepted(r):  # by every detector the strategy has
+        return r.is_id and r.cloud_is_id is not False
+
+    right = [(accepted(r) and r.prediction == r.label) if r.label >= 0 else not accepted(r) for r in records]
     uploads = [r for r in records if r.uploaded]
-    flops = manifest["flops"]
-    cloud_flops = sum(flops["full"] if r.uploaded == "raw" else flops["cloud"] for r in uploads)
+    id_records = [r for r in records if r.label >= 0]
     return {
         "strategy": name,
         "requests": len(uploads),
         "bytes": int(sum(r.bytes_sent for r in records)),
-        "cloud_gflops": cloud_flops / 1e9,
+        "cloud_gflops": len(uploads) * manifest["flops"]["full"] / 1e9,  # PNG uploads: the cloud runs the whole model
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
-        "p50_10mbit_ms": float(np.percentile(lat + net, 50)),
-        "p95_10mbit_ms": float(np.percentile(lat + net, 95)),
+        "p50_uplink_ms": float(np.percentile(lat + net, 50)),
+        "p95_uplink_ms": float(np.percentile(lat + net, 95)),
         "accuracy": float(np.mean(right)),
-        "id_accuracy": float(np.mean([r.prediction == r.label for r in records if r.label >= 0])),
-        "ood_rejected": float(np.mean([not r.is_id for r in records if r.label < 0])) if any(r.label < 0 for r in records) else float("nan"),
+        "id_lost": float(np.mean([not accepted(r) for r in id_records])),
+        "ood_rejected": float(np.mean([not accepted(r) for r in records if r.label < 0])),
     }
+
+
+def plot(rows, fractions, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(STREAMS), figsize=(4.2 * len(STREAMS), 6.4), sharex=True)
+    for j, stream in enumerate(STREAMS):
+        for name in STRATEGIES:
+            sel = [r for r in rows if r["stream"] == stream and r["strategy"] == name]
+            axes[0, j].plot(fractions, [100 * r["accuracy"] for r in sel], marker="o", label=name)
+            axes[1, j].plot(fractions, [r["bytes"] / 1024 for r in sel], marker="o", label=name)
+        axes[0, j].set_title(f"{stream} OOD stream")
+        axes[1, j].set_xlabel("OOD fraction of the stream")
+    axes[0, 0].set_ylabel("overall accuracy (%)")
+    axes[1, 0].set_ylabel("KiB uploaded (PNG)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--n", type=int, default=400, help="inputs per stream")
+    p.add_argument("--n", type=int, default=280, help="inputs per stream (at 50%% OOD the near stream needs "
+                                                        "n/2 <= 148 CIFAR-100 images)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--uplink-mbit-s", type=float, default=10.0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "collab"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    (Xtr, ytr), (Xte, yte), ood = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
-    model = load_model(args.data_dir, 20)
-    det = ShallowFeatureOODDetector(model, "layer1", device="cpu").fit(Xtr, ytr)
-    edge, cloud = det.export_split()
-    rows = []
+    (Xtr, ytr), _, _ = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
+    _, (Pte, yte), camera_ood = camera_sets(args.data_dir, max_ood=1000, n_noise=1000)
+    model = load_model(args.data_dir, "resnet20")
+    edge_det = ShallowFeatureOODDetector(model, "layer1", device="cpu")
+    fitted = {
+        "edge": edge_det.fit(Xtr, ytr),
+        "two-stage": TwoStageDetector(edge_det).fit(Xtr, ytr),
+        "deep": TwoStageDetector(edge_det, edge_share=0.0).fit(Xtr, ytr),
+    }
+    servers, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        split_dir = Path(tmp)
-        save_split(edge, cloud, split_dir, Xte[:8], formats=("pt2",))
-        import json
-
-        manifest = json.loads((split_dir / "split.json").read_text())
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(split_dir, port)
+        dirs, urls, manifests = {}, {}, {}
         try:
-            for fraction in args.fractions:
-                X, y = make_stream(Xte, yte, ood, args.n, fraction, rng)
-                runs = {"cloud only (raw float32)": cloud_only(url, manifest["version"], X, y)}
-                for upload, encoding in (("activations", "float32"), ("activations", "float16"),
-                                         ("activations", "int8"), ("raw", "float32")):
-                    with EdgeRunner(split_dir, url, upload=upload, encoding=encoding) as runner:
-                        runs[f"EARLIN {upload} {encoding}"] = runner.run(X, labels=y)
-                for name, records in runs.items():
-                    row = {"ood_fraction": fraction, **summarize(name, records, manifest, args.uplink_mbit_s)}
-                    rows.append(row)
-                    print(f"OOD {fraction:.0%} {name:30} requests {row['requests']:4d}  bytes {row['bytes'] / 1024:8.0f} KiB"
-                          f"  cloud {row['cloud_gflops']:6.2f} GFLOP  p50 {row['p50_ms']:6.2f} ms  p95 {row['p95_ms']:6.2f} ms"
-                          f"  accuracy {100 * row['accuracy']:5.1f}%", flush=True)
+            for key, det in fitted.items():
+                dirs[key] = Path(tmp) / key
+                save_split(*det.export_split(), dirs[key], Xtr[:8], formats=("pt2",),
+                           preprocessing=preprocessing("resnet20"))
+                manifests[key] = json.loads((dirs[key] / "split.json").read_text())
+                port = free_port()
+                urls[key] = f"http://127.0.0.1:{port}"
+                servers.append(start_server(dirs[key], port))
+            for stream in STREAMS:
+                for fraction in args.fractions:
+                    images, labels = make_stream(stream, Pte, yte, camera_ood, args.n, fraction, rng)
+                    runs = {
+                        "cloud only": cloud_only(urls["edge"], manifests["edge"]["version"], images, labels),
+                        "cloud only + deep detector": cloud_only(urls["deep"], manifests["deep"]["version"], images,
+                                                                 labels),
+                    }
+                    for name, key in (("EARLIN edge only", "edge"), ("EARLIN two-stage", "two-stage")):
+                        with EdgeRunner(dirs[key], urls[key], upload="raw", encoding="png") as runner:
+                            runs[name] = runner.run(images, labels=labels)
+                    for name, records in runs.items():
+                        row = {"stream": stream, "ood_fraction": fraction,
+                               **summarize(name, records, manifests["edge"], args.uplink_mbit_s)}
+                        rows.append(row)
+                        print(f"{stream:5s} OOD {fraction:.0%} {name:28s} requests {row['requests']:4d}  "
+                              f"{row['bytes'] / 1024:7.1f} KiB  p50 {row['p50_ms']:6.2f} ms  p95 {row['p95_ms']:6.2f} ms"
+                              f"  accuracy {100 * row['accuracy']:5.1f}%  ID lost {100 * row['id_lost']:4.1f}%", flush=True)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
-            server.stderr.close()
+            for server in servers:
+                server.terminate()
+                server.wait(timeout=30)
+                server.stderr.close()
 
     lines = [f"Command: `python benchmarks/bench_collab.py --data-dir <data> --n {args.n}`; machine: "
-             f"{machine()['cpu']}, {machine()['cores']} cores; server and edge runner on the same machine (loopback).\n",
-             "| OOD fraction | strategy | cloud requests | KiB uploaded | cloud GFLOP | p50 ms | p95 ms | "
-             f"p50 / p95 ms @{args.uplink_mbit_s:g} Mbit/s | overall accuracy | ID accuracy | OOD rejected |",
+             f"{machine()['cpu']}, {machine()['cores']} cores; server and edge runner on the same machine (loopback). "
+             "Uploads are PNG files.\n",
+             "| stream | OOD | strategy | cloud requests | KiB uploaded (share of cloud only) | cloud GFLOP | p50 / p95 ms | "
+             f"p50 / p95 ms @ {args.uplink_mbit_s:g} Mbit/s | overall accuracy | ID lost | OOD rejected |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next(b for b in rows if b["ood_fraction"] == r["ood_fraction"] and b["strategy"].startswith("cloud only"))
-        rel = "" if r is base else f" ({100 * r['bytes'] / base['bytes']:.0f}%)"
-        lines.append(f"| {r['ood_fraction']:.1f} | {r['strategy']} | {r['requests']} | {r['bytes'] / 1024:.0f}{rel} | "
-                     f"{r['cloud_gflops']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p50_10mbit_ms']:.2f} / {r['p95_10mbit_ms']:.2f} | "
-                     f"{100 * r['accuracy']:.1f}% | {100 * r['id_accuracy']:.1f}% | "
-                     + ("-" if r["strategy"].startswith("cloud only") else f"{100 * r['ood_rejected']:.1f}%") + " |")
+        base = next(b for b in rows if (b["stream"], b["ood_fraction"], b["strategy"]) ==
+                    (r["stream"], r["ood_fraction"], "cloud only"))
+        lines.append(f"| {r['stream']} | {r['ood_fraction']:.0%} | {r['strategy']} | {r['requests']} | "
+                     f"{r['bytes'] / 1024:.0f} ({100 * r['bytes'] / base['bytes']:.0f}%) | {r['cloud_gflops']:.2f} | "
+                     f"{r['p50_ms']:.2f} / {r['p95_ms']:.2f} | {r['p50_uplink_ms']:.2f} / {r['p95_uplink_ms']:.2f} | "
+                     f"{100 * r['accuracy']:.1f}% | {100 * r['id_lost']:.1f}% | {100 * r['ood_rejected']:.1f}% |")
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     write_json(out / "results.json", {"machine": machine(), "args": vars(args), "rows": rows})
+    plot(rows, args.fractions, out / "accuracy_and_bytes.png")
     print(table)
 
 

@@ -105,6 +105,26 @@ def load_sets(data_dir, max_ood=2000, n_noise=1000, seed=0, model="resnet20"):
             {k: normalize_unit(v, model) for k, v in ood.items()})
 
 
+def camera_sets(data_dir, max_ood=2000, n_noise=1000, seed=0):
+    """The same sets as :func:`load_sets`, as uint8 NHWC pixels: what a camera hands the edge device.
+
+    CIFAR, Tiny-ImageNet, SVHN and Textures are their stored bytes; the
+    resized MNIST and the noise images are rounded to 8-bit pixels.
+    """
+    (xtr, ytr), (xte, yte), ood = _unit_sets(str(data_dir), max_ood, n_noise, seed)
+
+    def pixels(x):
+        return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+    return (pixels(xtr), ytr.numpy()), (pixels(xte), yte.numpy()), {k: pixels(v) for k, v in ood.items()}
+
+
+def preprocessing(model):
+    """The model's input normalization, as ``save_split(..., preprocessing=...)`` records it."""
+    _, _, mean, std, _ = MODELS[model_name(model)]
+    return {"mean": list(mean), "std": list(std)}
+
+
 def load_model(data_dir, model):
     """A development model (``"resnet20"``, ``"resnet56"``, ``"shufflenet"``; or depth 20 / 56) with its
     verified weights (loaded with ``weights_only=True``)."""

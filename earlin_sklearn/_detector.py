@@ -158,6 +158,10 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
     n_threads : int, "auto" or None, default="auto"
         torch intra-op threads while the backbone runs (see
         :class:`BackboneFeatures`): ``"auto"`` is half the cores, at least 1.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Mixed precision for the backbone while fitting and scoring (see
+        :class:`BackboneFeatures`); the exported edge module runs in the
+        backbone's own dtype.
     verbose : int, default=0
         ``verbose > 0`` shows a progress bar during feature extraction.
 
@@ -221,6 +225,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         batch_size=128,
         device="auto",
         n_threads="auto",
+        precision="float32",
         verbose=0,
     ):
         self.backbone = backbone
@@ -238,6 +243,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         self.batch_size = batch_size
         self.device = device
         self.n_threads = n_threads
+        self.precision = precision
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -344,6 +350,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             batch_size=self.batch_size,
             device=self.device,
             n_threads=self.n_threads,
+            precision=self.precision,
             verbose=self.verbose,
         )
 

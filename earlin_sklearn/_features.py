@@ -10,8 +10,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._torch import (TorchStateMixin, first_in_channels, frozen_copy, get_layer, input_dtype, resolve_device,
-                     torch_threads)
+from ._torch import (PRECISIONS, TorchStateMixin, first_in_channels, frozen_copy, get_layer, input_dtype,
+                     precision_context, resolve_device, torch_threads)
 from ._inputs import (check_batch, check_image_shape, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
                       validate_images)
 
@@ -232,6 +232,12 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         (restored afterwards). ``"auto"``: half the cores, at least 1, which
         does not collapse when another process holds a core; None: torch's
         current setting.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        ``"bfloat16"`` and ``"float16"`` run the backbone under
+        ``torch.autocast`` (mixed precision: faster on GPUs with tensor
+        cores); pooling stays in float32. The exported edge module runs in
+        the backbone's own dtype, so its scores then differ from the
+        estimator's by the rounding measured in the user guide.
     verbose : int, default=0
         ``verbose > 0`` shows a progress bar over batches.
 
@@ -276,11 +282,12 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "n_threads": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
+        "precision": [StrOptions(set(PRECISIONS))],
         "verbose": ["verbose"],
     }
 
     def __init__(self, backbone, layer, *, pooling="meanstd", layout="auto", extra_layers=(), batch_size=128,
-                 device="auto", n_threads="auto", verbose=0):
+                 device="auto", n_threads="auto", precision="float32", verbose=0):
         self.backbone = backbone
         self.layer = layer
         self.pooling = pooling
@@ -289,6 +296,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         self.batch_size = batch_size
         self.device = device
         self.n_threads = n_threads
+        self.precision = precision
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -391,14 +399,15 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
                 yield self._pooled(x).astype(np.float64, copy=False), labels_to_numpy([y])
 
     def _pooled(self, x):
-        pooled = [pool_activation(a, self.pooling, self.layout) for a in self._activations(x)]
+        pooled = [pool_activation(a.float() if a.dtype in (torch.bfloat16, torch.float16) else a, self.pooling,
+                                  self.layout) for a in self._activations(x)]
         return torch.cat(pooled, dim=1).double().cpu().numpy()  # float64 backbones keep their precision
 
     def _activations(self, x):
         """``[*extra taps, layer]`` activations of a batch."""
         dtype = input_dtype(self.module_)
         extra = [self.module_.get_submodule(name) for name in getattr(self, "extra_layers_", [])]
-        with torch.inference_mode():
+        with torch.inference_mode(), precision_context(self.device_, getattr(self, "precision", "float32")):
             x = to_model_input(x, self.device_, dtype)
             out = run_to_layer(self.module_, self.module_.get_submodule(self.layer), x, extra)
         return out if extra else [out]

@@ -1,6 +1,7 @@
 """Image inputs: arrays, tensors, torch Datasets and DataLoaders, read as batches."""
 
 import warnings
+from numbers import Number
 
 import numpy as np
 import torch
@@ -174,9 +175,11 @@ def validate_images(estimator, X, reset, input_shape=None):
 
 def to_model_input(x, device, dtype):
     """A batch as a tensor on ``device`` in ``dtype`` (read-only arrays are copied first)."""
+    from ._torch import to_device
+
     if isinstance(x, np.ndarray) and not x.flags.writeable:
         x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) without a warning
-    return torch.as_tensor(x).to(device=device, dtype=dtype)
+    return to_device(torch.as_tensor(x), device, dtype)
 
 
 def validate_fit_images(estimator, X, batch_size):
@@ -189,7 +192,7 @@ def validate_fit_images(estimator, X, batch_size):
         sample = first_input(X, batch_size, type(estimator).__name__)
         estimator.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         return X, sample
-    if X is None or np.ndim(X) == 0:
+    if X is None or isinstance(X, (Number, str, bytes)) or getattr(X, "ndim", None) == 0:
         raise ValueError(f"{type(estimator).__name__}.fit takes ID images, an array or tensor of shape "
                          f"(N, C, H, W), a torch Dataset or a DataLoader; got {type(X).__name__} {X!r:.40}.")
     X = validate_images(estimator, X, reset=True)

@@ -119,6 +119,24 @@ def available_device(device, owner):
     return device
 
 
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def precision_context(device, precision):
+    """``torch.autocast`` to ``precision`` on ``device`` (mixed precision), or nothing for ``"float32"``."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, precision))
+
+
+def to_device(x, device, dtype):
+    """A batch on ``device`` in ``dtype``. To a GPU it crosses in its own dtype (uint8 camera pixels are a
+    quarter of float32's bytes) from pinned memory without blocking the host, and is cast there."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.to(device=device, dtype=dtype)
+
+
 def frozen_copy(module, device):
     """A deep copy of ``module`` in evaluation mode, gradients off, on ``device``; ``module`` is untouched."""
     return copy.deepcopy(module).eval().requires_grad_(False).to(device)

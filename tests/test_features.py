@@ -132,3 +132,24 @@ def test_feature_names(tiny_cnn, images):
     names = ft.get_feature_names_out()
     assert len(names) == 24 and names[0] == "backbonefeatures0"
     assert ft.activation_shape_ == (12, 12, 12) and ft.input_shape_ == (3, 12, 12)
+
+
+def test_mixed_precision_runs_the_backbone_under_autocast_and_pools_in_float32():
+    import torch
+
+    from earlin_sklearn import BackboneFeatures
+    from earlin_sklearn.models import cifar_resnet
+
+    torch.manual_seed(0)
+    X = torch.rand(6, 3, 32, 32).numpy()
+    net = cifar_resnet(20)
+    seen = []
+    net.layer1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    full = BackboneFeatures(net, "layer1", device="cpu").fit(X).transform(X)
+    half = BackboneFeatures(net, "layer1", device="cpu", precision="bfloat16").fit(X).transform(X)
+    assert seen[-1] == torch.bfloat16 and seen[0] == torch.float32
+    assert half.dtype == np.float64 and np.isfinite(half).all()
+    # bfloat16 keeps 8 bits of mantissa: the channel means agree to about 1%, not exactly
+    means = slice(0, 16)
+    assert np.allclose(half[:, means], full[:, means], rtol=0.05, atol=0.05)
+    assert not np.array_equal(half, full)
