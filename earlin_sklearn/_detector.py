@@ -14,7 +14,7 @@ from ._distributed import DaskShards
 from ._edge import build_split
 from ._features import BackboneFeatures, resolve_extra_layers
 from ._inputs import check_labels, is_torch_data, validate_fit_images, validate_images
-from ._moments import FeatureMoments
+from ._moments import FeatureMoments, check_statistics
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
@@ -314,6 +314,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         self : object
         """
         owner = type(self).__name__
+        check_statistics(self, "pipeline_")
         if not hasattr(self, "moments_"):
             self._validate_params()
             X, sample = validate_fit_images(self, X, self.batch_size)

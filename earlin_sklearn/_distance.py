@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._moments import FeatureMoments
+from ._moments import FeatureMoments, check_statistics
 from ._threshold import ThresholdMixin, offset_for_tpr
 from ._inputs import check_labels
 from .exceptions import EarlinWarning
@@ -224,6 +224,7 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         -------
         self : object
         """
+        check_statistics(self, "centroids_")
         first = not hasattr(self, "moments_")
         if first:
             self._validate_params()

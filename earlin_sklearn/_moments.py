@@ -259,3 +259,11 @@ class FeatureMoments:
         if columns is not None:
             rows = rows[:, np.asarray(columns)]
         return rows, self.sample_slot[keep], np.flatnonzero(keep)
+
+
+def check_statistics(estimator, fitted_attribute):
+    """``partial_fit`` on an estimator fitted without statistics (by an earlier version) would start over."""
+    if hasattr(estimator, fitted_attribute) and not hasattr(estimator, "moments_"):
+        raise ValueError(f"This {type(estimator).__name__} holds no streaming statistics (fitted by an earlier "
+                         "earlin_sklearn, or a step of a ShallowFeatureOODDetector, which keeps them itself): "
+                         "partial_fit cannot add to it. Call partial_fit on the detector, or refit with fit.")

@@ -9,7 +9,7 @@ from sklearn.feature_selection import SelectorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._moments import FeatureMoments
+from ._moments import FeatureMoments, check_statistics
 from ._inputs import check_labels
 from .exceptions import EarlinWarning
 
@@ -130,6 +130,7 @@ class ChannelSelector(SelectorMixin, BaseEstimator):
         -------
         self : object
         """
+        check_statistics(self, "channels_")
         first = not hasattr(self, "moments_")
         if first:
             self._validate_params()

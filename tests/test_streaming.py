@@ -201,3 +201,11 @@ def test_fit_on_a_dask_cluster_equals_the_single_process_fit():
     assert sharded.moments_.n_rows == 240
     assert sharded.offset_ == pytest.approx(whole.offset_, rel=1e-9)
     np.testing.assert_allclose(sharded.score_samples(X[:40].numpy()), whole.score_samples(X[:40].numpy()), rtol=1e-9)
+
+
+def test_partial_fit_refuses_an_estimator_fitted_without_statistics():
+    X, y = _rows()
+    old = DistanceDetector().fit(X, y)
+    del old.moments_  # as an earlier version pickled it
+    with pytest.raises(ValueError, match="earlier earlin_sklearn"):
+        old.partial_fit(X, y)
