@@ -1,5 +1,6 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
+import tempfile
 import warnings
 
 import numpy as np
@@ -85,17 +86,42 @@ def _check_label_count(X, y, owner):
         raise ValueError(f"{owner}: X has {X.shape[0]} samples but y has {_labels_vector(y, owner).shape[0]}.")
 
 
-def _local_passes(features, X, y, owner):
-    """``run_pass(transform, n_folds, scatter) -> FeatureMoments``: one streamed pass over ``X`` in this process."""
-    _check_label_count(X, y, owner)
+class _LocalPasses:
+    """``passes(transform, n_folds, scatter, keep=False) -> FeatureMoments``: a streamed pass over ``X`` here.
 
-    def run_pass(transform, n_folds, scatter):
-        moments = FeatureMoments(features._n_features_out, n_folds, scatter=scatter)
-        for F, yb in _with_labels(features._pooled_batches(X, owner), y, owner):
+    With ``keep``, the pooled features go to a temporary file as they come
+    (8 bytes per feature and image); a later pass reads them back instead
+    of running the backbone again. Memory stays one batch either way.
+    """
+
+    def __init__(self, features, X, y, owner):
+        _check_label_count(X, y, owner)
+        self.features, self.X, self.y, self.owner = features, X, y, owner
+        self.spill, self.kept = None, []
+
+    def _batches(self, keep):
+        if self.spill is not None and not keep:
+            self.spill.seek(0)
+            for shape, yb in self.kept:
+                yield np.frombuffer(self.spill.read(8 * shape[0] * shape[1]), dtype=np.float64).reshape(shape), yb
+            return
+        if keep:
+            self.spill, self.kept = tempfile.TemporaryFile(), []
+        for F, yb in _with_labels(self.features._pooled_batches(self.X, self.owner), self.y, self.owner):
+            if keep:
+                self.spill.write(np.ascontiguousarray(F, dtype=np.float64).tobytes())
+                self.kept.append((F.shape, yb))
+            yield F, yb
+
+    def __call__(self, transform, n_folds, scatter, keep=False):
+        moments = FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter)
+        for F, yb in self._batches(keep):
             moments.update(F if transform is None else _transform(transform, F), yb)
         return moments
 
-    return run_pass
+    def close(self):
+        if self.spill is not None:
+            self.spill.close()
 
 
 class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
@@ -253,9 +279,11 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         Only the per-class statistics of the pooled features are kept (see
         ``moments_``), never the images nor all the features, so a Dataset or
         DataLoader of any size fits in bounded memory. With more than 10,000
-        images and ``gaussianize`` on, the data is read twice: once to fit the
-        power transform on a uniform sample of 10,000 images' features, once to
-        accumulate the statistics of the transformed features.
+        images and ``gaussianize`` on, the power transform is fitted on a
+        uniform sample of 10,000 images' features, then the statistics of the
+        transformed features are accumulated from a temporary file of the
+        pooled features (8 bytes per feature and image, deleted afterwards):
+        the backbone runs once per image.
 
         Parameters
         ----------
@@ -278,20 +306,22 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         else:
             X, sample = validate_fit_images(self, X, self.batch_size)  # validated once, in this class's name
             features = self._features()._fit(sample, owner)
-            run_pass = _local_passes(features, X, y, owner)
+            run_pass = _LocalPasses(features, X, y, owner)
         n_folds = self.threshold_cv or 1
-        if self.gaussianize is None:
-            gaussianize, moments = "passthrough", run_pass(None, n_folds, "full")
-        else:
-            # pass 1: a uniform sample of the raw features fits the power transform
-            raw = run_pass(None, 1, "diagonal")
-            gaussianize = _fit_power_transform(raw.sample_rows)
-            if raw.n_rows <= raw.reservoir_size:  # the sample holds every row, in order: no second pass
-                moments = FeatureMoments(raw.n_features, n_folds)
-                labels = None if not raw.labelled else np.array(raw.labels)[raw.sample_slot]
-                moments.update(_transform(gaussianize, raw.sample_rows), labels)
+        try:
+            if self.gaussianize is None:
+                gaussianize, moments = "passthrough", run_pass(None, n_folds, "full")
             else:
-                moments = run_pass(gaussianize, n_folds, "full")
+                # pass 1: a uniform sample of the raw features fits the power transform
+                raw = run_pass(None, 1, "diagonal", keep=True)
+                gaussianize = _fit_power_transform(raw.sample_rows)
+                if raw.n_rows <= raw.reservoir_size:  # the sample holds every row: no second pass
+                    rows, labels = raw.ordered_sample()
+                    moments = FeatureMoments(raw.n_features, n_folds).update(_transform(gaussianize, rows), labels)
+                else:  # pass 2 over the kept features (or, on Dask, the data again)
+                    moments = run_pass(gaussianize, n_folds, "full")
+        finally:
+            run_pass.close()
         self._set_fitted(features, gaussianize, moments)
         return self
 

@@ -96,12 +96,15 @@ class DaskShards:
         return [(s, min(s + size, self._n_rows)) for s in range(0, self._n_rows, size)]
 
     def pass_runner(self, features, owner):
-        """``run_pass(transform, n_folds, scatter) -> FeatureMoments``: one pass, spread over the workers."""
+        """``run_pass(transform, n_folds, scatter) -> FeatureMoments``: one pass, spread over the workers.
+
+        Each pass runs the prefix again on the workers (a fit of more than
+        10,000 images with the power transform takes two passes)."""
         client = self._client()
         remote_features = client.scatter(features, broadcast=True)  # the frozen prefix travels once per fit
         shards = self.shards()
 
-        def run_pass(transform, n_folds, scatter):
+        def run_pass(transform, n_folds, scatter, keep=False):
             futures = [client.submit(_shard_moments, remote_features, self._source, start, stop, transform,
                                      n_folds, scatter, owner, pure=False) for start, stop in shards]
             merged = None
@@ -109,4 +112,5 @@ class DaskShards:
                 merged = part if merged is None else merged.merge(part)
             return merged
 
+        run_pass.close = lambda: None
         return run_pass

@@ -87,6 +87,7 @@ class FeatureMoments:
         self.sample_slot = np.zeros(0, dtype=np.intp)
         self.sample_fold = np.zeros(0, dtype=np.intp)
         self.sample_key = np.zeros(0, dtype=np.uint64)
+        self.sample_index = np.zeros(0, dtype=np.uint64)
 
     # -- accumulating ---------------------------------------------------------------------------------
     def _slots(self, y, n):
@@ -146,7 +147,7 @@ class FeatureMoments:
             m = Xg.shape[0]
             mean_b = Xg.mean(axis=0)
             self._merge_group(f, s, m, mean_b, self._group_scatter(Xg - mean_b))
-        self._add_sample(X, slot, fold, reservoir_key(index))
+        self._add_sample(X, slot, fold, reservoir_key(index), index)
         self.n_rows += n
         return self
 
@@ -159,17 +160,24 @@ class FeatureMoments:
         self.means[f, s] += delta * (m / total)
         self.counts[f, s] = total
 
-    def _add_sample(self, rows, slot, fold, key):
+    def _add_sample(self, rows, slot, fold, key, index):
         if self.reservoir_size <= 0:
             return
+        if self.sample_key.size >= self.reservoir_size:  # full: only rows that beat the largest key kept can enter
+            enter = key < self.sample_key.max()
+            rows, slot, fold, key, index = rows[enter], slot[enter], fold[enter], key[enter], index[enter]
+            if not key.size:
+                return
         self.sample_rows = np.concatenate([self.sample_rows, rows])
         self.sample_slot = np.concatenate([self.sample_slot, slot])
         self.sample_fold = np.concatenate([self.sample_fold, fold])
         self.sample_key = np.concatenate([self.sample_key, key])
+        self.sample_index = np.concatenate([self.sample_index, index])
         if self.sample_key.size > self.reservoir_size:
             keep = np.sort(np.argpartition(self.sample_key, self.reservoir_size - 1)[: self.reservoir_size])
             self.sample_rows, self.sample_slot = self.sample_rows[keep], self.sample_slot[keep]
             self.sample_fold, self.sample_key = self.sample_fold[keep], self.sample_key[keep]
+            self.sample_index = self.sample_index[keep]
 
     def merge(self, other):
         """Add the statistics of ``other`` (rows of another batch or shard); ``other`` is unchanged."""
@@ -192,7 +200,8 @@ class FeatureMoments:
                     self._merge_group(f, s, m, other.means[f, s_other], 0.0)  # between-group term only
             self.scatter[f] += other.scatter[f]
         self.n_rows += other.n_rows
-        self._add_sample(other.sample_rows, slot_map[other.sample_slot], other.sample_fold, other.sample_key)
+        self._add_sample(other.sample_rows, slot_map[other.sample_slot], other.sample_fold, other.sample_key,
+                         other.sample_index)
         return self
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -247,6 +256,12 @@ class FeatureMoments:
         if not self.labelled:
             return list(range(len(self.labels)))
         return sorted(range(len(self.labels)), key=self.labels.__getitem__)
+
+    def ordered_sample(self):
+        """``(rows, labels)`` of the sample in the order of the data (labels None without them)."""
+        order = np.argsort(self.sample_index, kind="stable")
+        labels = None if not self.labelled else np.array(self.labels)[self.sample_slot[order]]
+        return self.sample_rows[order], labels
 
     def sample(self, exclude_fold=None, only_fold=None, columns=None):
         """Reservoir rows (and their class slots), restricted to or excluding one fold."""

@@ -145,7 +145,7 @@ def test_partial_fit_in_batches_equals_one_fit():
     np.testing.assert_array_equal(out.is_id.numpy(), parts.predict(X[:40].numpy()) == 1)
 
 
-def test_more_rows_than_the_sample_reads_the_data_twice_and_still_matches(monkeypatch):
+def test_more_rows_than_the_sample_run_the_backbone_once_and_still_match(monkeypatch):
     monkeypatch.setattr(moments_module, "RESERVOIR_SIZE", 100)
     X, y = _images()
     net = _net()
@@ -154,8 +154,9 @@ def test_more_rows_than_the_sample_reads_the_data_twice_and_still_matches(monkey
     streamed = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(
         DataLoader(TensorDataset(X, y), batch_size=16))
     hook.remove()
-    # one image to probe the layer, then two passes over the 240 images (sample for the transform, statistics)
-    assert sum(calls) == 1 + 2 * 240
+    # one image to probe the layer, then one pass over the 240 images: the second pass (statistics of the
+    # transformed features) reads the pooled features back from a temporary file
+    assert sum(calls) == 1 + 240
     assert streamed.moments_.n_rows == 240 and streamed.moments_.sample_rows.shape[0] == 100
     whole = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(X.numpy(), y.numpy())
     assert streamed.offset_ == pytest.approx(whole.offset_, rel=1e-9)

@@ -56,6 +56,24 @@ def test_fitted_on_a_gpu_loads_on_a_cpu_machine(index, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_fit_from_a_loader_of_uint8_images_matches_the_cpu_fit():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net = cifar_resnet(20)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (120, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(120) % 3
+    loader = DataLoader(TensorDataset(pixels, labels), batch_size=32)  # uint8 crosses to the GPU, cast there
+    with pytest.warns(UserWarning, match="uint8"):
+        gpu = ShallowFeatureOODDetector(net, "layer1", device="cuda").fit(loader)
+    with pytest.warns(UserWarning, match="uint8"):
+        cpu = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(loader)
+    X = pixels[:40].float().numpy()
+    np.testing.assert_allclose(gpu.score_samples(X), cpu.score_samples(X), rtol=1e-3, atol=1e-3)
+    assert (gpu.predict(X) == cpu.predict(X)).mean() >= 0.95
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_real_gpu_fit_loads_on_cpu(monkeypatch):
     net = cifar_resnet(20)
     X, y = _data()
