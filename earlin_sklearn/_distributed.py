@@ -41,7 +41,7 @@ class DaskShards:
     Pass it to :meth:`ShallowFeatureOODDetector.fit` in place of the data.
     Each worker runs the frozen edge prefix on its shards (contiguous ranges
     of the dataset's indices) and sends back only mergeable statistics of
-    the pooled features (:class:`~earlin_sklearn._moments.FeatureMoments`);
+    the pooled features (``FeatureMoments``, see ``moments_``);
     the client merges them. The result equals a single-process fit on the
     same dataset (within float rounding): a row's fold and sampling key
     depend on its index, not on the worker that read it.
