@@ -1,6 +1,5 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
-import tempfile
 import warnings
 
 import numpy as np
@@ -16,6 +15,7 @@ from ._edge import build_split
 from ._features import BackboneFeatures, resolve_extra_layers
 from ._inputs import check_labels, is_torch_data, validate_fit_images, validate_images
 from ._moments import FeatureMoments, check_statistics
+from ._spill import FeatureSpill
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
@@ -89,39 +89,42 @@ def _check_label_count(X, y, owner):
 class _LocalPasses:
     """``passes(transform, n_folds, scatter, keep=False) -> FeatureMoments``: a streamed pass over ``X`` here.
 
-    With ``keep``, the pooled features go to a temporary file as they come
-    (8 bytes per feature and image); a later pass reads them back instead
-    of running the backbone again. Memory stays one batch either way.
+    With ``keep``, the pooled features also go to a temporary file as they
+    come (:class:`FeatureSpill`); a later pass reads them back instead of
+    running the backbone again. Memory stays one batch either way.
     """
 
     def __init__(self, features, X, y, owner):
         _check_label_count(X, y, owner)
         self.features, self.X, self.y, self.owner = features, X, y, owner
-        self.spill, self.kept = None, []
-
-    def _batches(self, keep):
-        if self.spill is not None and not keep:
-            self.spill.seek(0)
-            for shape, yb in self.kept:
-                yield np.frombuffer(self.spill.read(8 * shape[0] * shape[1]), dtype=np.float64).reshape(shape), yb
-            return
-        if keep:
-            self.spill, self.kept = tempfile.TemporaryFile(), []
-        for F, yb in _with_labels(self.features._pooled_batches(self.X, self.owner), self.y, self.owner):
-            if keep:
-                self.spill.write(np.ascontiguousarray(F, dtype=np.float64).tobytes())
-                self.kept.append((F.shape, yb))
-            yield F, yb
+        self.spill = None
 
     def __call__(self, transform, n_folds, scatter, keep=False):
-        moments = FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter)
-        for F, yb in self._batches(keep):
-            moments.update(F if transform is None else _transform(transform, F), yb)
-        return moments
+        if self.spill is not None and not keep:
+            batches = self.spill.batches()
+        else:
+            batches = _with_labels(self.features._pooled_batches(self.X, self.owner), self.y, self.owner)
+            if keep:
+                self.spill = FeatureSpill()
+                batches = _kept(batches, self.spill)
+        return accumulate(FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter), batches, transform)
 
     def close(self):
         if self.spill is not None:
             self.spill.close()
+
+
+def _kept(batches, spill):
+    for F, y in batches:
+        spill.write(F, y)
+        yield F, y
+
+
+def accumulate(moments, batches, transform):
+    """Add ``(features, labels)`` batches, power-transformed by ``transform`` when it is not None."""
+    for F, y in batches:
+        moments.update(F if transform is None else _transform(transform, F), y)
+    return moments
 
 
 class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):

@@ -1,11 +1,15 @@
 """Fitting on a Dask cluster: the forward passes run where the data is, only statistics travel."""
 
+import hashlib
 import math
+import os
+import pickle
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ._moments import FeatureMoments
+from ._spill import FeatureSpill
 from ._optional import require
 
 
@@ -24,15 +28,54 @@ def _first_input(source):
     return np.asarray(x)[None]
 
 
-def _shard_moments(features, source, start, stop, transform, n_folds, scatter, owner):
-    """Statistics of rows ``start:stop`` of the dataset, computed on the worker that runs this."""
-    from ._detector import _transform, _with_labels  # the same batch path as a local fit
+_WORKER_FEATURES = {}  # per worker process: the frozen prefix of the fits it serves, by digest
 
-    moments = FeatureMoments(features._n_features_out, n_folds, scatter=scatter, start=start)
-    shard = Subset(_dataset(source), range(start, stop))
-    for F, y in _with_labels(features._pooled_batches(shard, owner), None, owner):
-        moments.update(F if transform is None else _transform(transform, F), y)
-    return moments
+
+def _features_on_worker(blob):
+    """The fitted BackboneFeatures pickled in ``blob``, unpickled once per worker process.
+
+    The client sends immutable bytes, not the object: Dask may copy data from
+    one worker to another at any time, and a module copied while a forward
+    pass runs on it would carry that pass's temporary hooks.
+    """
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest not in _WORKER_FEATURES:
+        _WORKER_FEATURES.clear()  # one fit at a time: keep one prefix in memory
+        _WORKER_FEATURES[digest] = pickle.loads(blob)  # bytes this fit's client made (as Dask's own tasks are)
+    return _WORKER_FEATURES[digest]
+
+
+_WORKER_SPILLS = {}  # per worker process: (fit digest, shard start) -> FeatureSpill of the first pass
+
+
+def _shard_moments(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
+    """Statistics of rows ``start:stop`` of the dataset, computed on the worker that runs this.
+
+    ``keep``: write the pooled features to a file in the worker's directory,
+    for the next pass. A pass after that reads the file when this worker
+    kept one for the shard, and runs the backbone again otherwise.
+    """
+    from ._detector import _kept, _with_labels, accumulate  # the same batch path as a local fit
+
+    features = _features_on_worker(blob)
+    moments = FeatureMoments(features._n_features_out, n_folds, reservoir_size, scatter=scatter, start=start)
+    spill_key = (hashlib.sha256(blob).hexdigest(), start)
+    spill = _WORKER_SPILLS.get(spill_key)
+    if spill is not None and not keep:
+        return accumulate(moments, spill.batches(), transform)
+    batches = _with_labels(features._pooled_batches(Subset(_dataset(source), range(start, stop)), owner), None, owner)
+    if keep:
+        from distributed import get_worker
+
+        path = os.path.join(get_worker().local_directory, f"earlin-{spill_key[0][:16]}-{start}.f64")
+        spill = _WORKER_SPILLS[spill_key] = FeatureSpill(path)
+        batches = _kept(batches, spill)
+    return accumulate(moments, batches, transform)
+
+
+def _drop_spills(digest):
+    for key in [k for k in _WORKER_SPILLS if k[0] == digest]:
+        _WORKER_SPILLS.pop(key).close()
 
 
 class DaskShards:
@@ -96,21 +139,37 @@ class DaskShards:
         return [(s, min(s + size, self._n_rows)) for s in range(0, self._n_rows, size)]
 
     def pass_runner(self, features, owner):
-        """``run_pass(transform, n_folds, scatter) -> FeatureMoments``: one pass, spread over the workers.
+        """``run_pass(transform, n_folds, scatter, keep=False) -> FeatureMoments``: a pass over the workers.
 
-        Each pass runs the prefix again on the workers (a fit of more than
-        10,000 images with the power transform takes two passes)."""
+        With ``keep``, each worker also writes its shards' pooled features to
+        a file in its directory, and the next pass runs each shard on the
+        worker that kept it and reads the file: the backbone runs once per
+        image. ``run_pass.close()`` deletes the files.
+        """
+        from . import _moments
+
         client = self._client()
-        remote_features = client.scatter(features, broadcast=True)  # the frozen prefix travels once per fit
+        payload = pickle.dumps(features)  # pickled on the CPU by TorchStateMixin
+        digest = hashlib.sha256(payload).hexdigest()
+        blob = client.scatter(payload, broadcast=True)  # the frozen prefix travels once per fit, as bytes
         shards = self.shards()
+        reservoir_size = _moments.RESERVOIR_SIZE  # the client's, so every worker samples alike
+        where = {}  # shard start -> the worker that kept its features
 
         def run_pass(transform, n_folds, scatter, keep=False):
-            futures = [client.submit(_shard_moments, remote_features, self._source, start, stop, transform,
-                                     n_folds, scatter, owner, pure=False) for start, stop in shards]
+            futures = []
+            for start, stop in shards:
+                placement = {"workers": [where[start]], "allow_other_workers": True} if start in where else {}
+                futures.append(client.submit(_shard_moments, blob, self._source, start, stop, transform, n_folds,
+                                             scatter, reservoir_size, owner, keep, pure=False, **placement))
+            parts = client.gather(futures)
+            if keep:
+                holders = client.who_has(futures)
+                where.update({start: holders[f.key][0] for (start, _), f in zip(shards, futures) if holders.get(f.key)})
             merged = None
-            for part in client.gather(futures):  # in shard order, as one process would see the rows
+            for part in parts:  # in shard order, as one process would see the rows
                 merged = part if merged is None else merged.merge(part)
             return merged
 
-        run_pass.close = lambda: None
+        run_pass.close = lambda: client.run(_drop_spills, digest)
         return run_pass

@@ -186,10 +186,13 @@ def test_partial_fit_checks_later_batches_against_the_first():
         det.partial_fit(X[:5].numpy(), y[:4].numpy())
 
 
-def test_fit_on_a_dask_cluster_equals_the_single_process_fit():
+@pytest.mark.parametrize("sample_size", [None, 100], ids=["one pass", "two passes"])
+def test_fit_on_a_dask_cluster_equals_the_single_process_fit(sample_size, monkeypatch):
     distributed = pytest.importorskip("distributed")
     from earlin_sklearn import DaskShards
 
+    if sample_size is not None:  # more images than the sample: the transform's pass, then the statistics' pass
+        monkeypatch.setattr(moments_module, "RESERVOIR_SIZE", sample_size)
     X, y = _images()
     net = _net()
     whole = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(X.numpy(), y.numpy())
@@ -197,8 +200,10 @@ def test_fit_on_a_dask_cluster_equals_the_single_process_fit():
                                   host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
         sharded = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(
             DaskShards(TensorDataset(X, y), client=client, n_shards=5))
-        workers = {w for w in client.run(lambda: 1)}
+        workers = client.run(lambda: 1)
+        left = client.run(lambda: len(__import__("earlin_sklearn._distributed", fromlist=["x"])._WORKER_SPILLS))
     assert len(workers) == 2
+    assert set(left.values()) == {0}  # the kept features are deleted after the fit
     assert sharded.moments_.n_rows == 240
     assert sharded.offset_ == pytest.approx(whole.offset_, rel=1e-9)
     np.testing.assert_allclose(sharded.score_samples(X[:40].numpy()), whole.score_samples(X[:40].numpy()), rtol=1e-9)
