@@ -83,11 +83,10 @@ class FeatureMoments:
         self.counts = np.zeros((self.n_folds, 0))
         self.means = np.zeros((self.n_folds, 0, self.n_features))
         self.scatter = np.zeros(shape)
-        self.sample_rows = np.zeros((0, self.n_features))
-        self.sample_slot = np.zeros(0, dtype=np.intp)
-        self.sample_fold = np.zeros(0, dtype=np.intp)
-        self.sample_key = np.zeros(0, dtype=np.uint64)
-        self.sample_index = np.zeros(0, dtype=np.uint64)
+        # the sample: rows, class slots, folds, keys and indices (see _SAMPLE), and candidates not yet merged
+        self._sample = (np.zeros((0, self.n_features)), np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp),
+                        np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64))
+        self._pending = []
 
     # -- accumulating ---------------------------------------------------------------------------------
     def _slots(self, y, n):
@@ -161,23 +160,57 @@ class FeatureMoments:
         self.counts[f, s] = total
 
     def _add_sample(self, rows, slot, fold, key, index):
+        """Offer rows to the sample. They wait in a list and are merged once a sample's worth has come:
+        copying the growing sample at every batch churned the allocator enough to slow the forward passes."""
         if self.reservoir_size <= 0:
             return
-        if self.sample_key.size >= self.reservoir_size:  # full: only rows that beat the largest key kept can enter
-            enter = key < self.sample_key.max()
+        if self._sample[3].size >= self.reservoir_size:  # full: only rows that beat the largest key kept can enter
+            enter = key < self._sample[3].max()
             rows, slot, fold, key, index = rows[enter], slot[enter], fold[enter], key[enter], index[enter]
-            if not key.size:
-                return
-        self.sample_rows = np.concatenate([self.sample_rows, rows])
-        self.sample_slot = np.concatenate([self.sample_slot, slot])
-        self.sample_fold = np.concatenate([self.sample_fold, fold])
-        self.sample_key = np.concatenate([self.sample_key, key])
-        self.sample_index = np.concatenate([self.sample_index, index])
-        if self.sample_key.size > self.reservoir_size:
-            keep = np.sort(np.argpartition(self.sample_key, self.reservoir_size - 1)[: self.reservoir_size])
-            self.sample_rows, self.sample_slot = self.sample_rows[keep], self.sample_slot[keep]
-            self.sample_fold, self.sample_key = self.sample_fold[keep], self.sample_key[keep]
-            self.sample_index = self.sample_index[keep]
+        if key.size:
+            self._pending.append((rows, slot, fold, key, index))
+        if sum(p[3].size for p in self._pending) >= self.reservoir_size:
+            self._consolidate()
+
+    def _consolidate(self):
+        if not self._pending:
+            return
+        parts = [self._sample, *self._pending]
+        merged = [np.concatenate([p[i] for p in parts]) for i in range(5)]
+        if merged[3].size > self.reservoir_size:
+            keep = np.sort(np.argpartition(merged[3], self.reservoir_size - 1)[: self.reservoir_size])
+            merged = [a[keep] for a in merged]
+        self._sample, self._pending = tuple(merged), []
+
+    @property
+    def sample_rows(self):
+        """The sampled feature rows, shape ``(n_sampled, n_features)``."""
+        self._consolidate()
+        return self._sample[0]
+
+    @property
+    def sample_slot(self):
+        self._consolidate()
+        return self._sample[1]
+
+    @property
+    def sample_fold(self):
+        self._consolidate()
+        return self._sample[2]
+
+    @property
+    def sample_key(self):
+        self._consolidate()
+        return self._sample[3]
+
+    @property
+    def sample_index(self):
+        self._consolidate()
+        return self._sample[4]
+
+    def __getstate__(self):
+        self._consolidate()
+        return self.__dict__
 
     def merge(self, other):
         """Add the statistics of ``other`` (rows of another batch or shard); ``other`` is unchanged."""
