@@ -14,6 +14,10 @@ Modes (``ShallowFeatureOODDetector`` with its defaults, labels ``i % 10``):
   feature row held in memory (``BackboneFeatures.transform``), then the array
   steps fitted on them; one process, one thread;
 - ``1 process``: the streaming fit, one torch thread;
+- ``1 process, glibc thresholds``: the same, with glibc's mmap and trim
+  thresholds fixed at 32 and 64 MiB by environment variables
+  (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), the values the
+  Dask workers get for a fit (see ``earlin_sklearn._distributed.roomy_allocator``);
 - ``all cores``: the streaming fit, one process, one torch thread per core;
 - ``LocalCluster``: the streaming fit through :class:`DaskShards` on a
   ``LocalCluster`` of one single-threaded worker process per core (cluster
@@ -106,7 +110,7 @@ def child(mode, n, kind):
         F = PowerTransformer().fit_transform(F)
         DistanceDetector().fit(F, y)
         result["fit_s"] = time.perf_counter() - t0
-    else:
+    else:  # "1 process", "1 process, glibc thresholds", "all cores"
         t0 = time.perf_counter()
         det.fit(DataLoader(data, batch_size=128))
         result["fit_s"] = time.perf_counter() - t0
@@ -115,8 +119,12 @@ def child(mode, n, kind):
     print(json.dumps(result))
 
 
+ROOMY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 def run(mode, n, kind):
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() if mode == "all cores" else 1)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() if mode == "all cores" else 1),
+           **(ROOMY if mode == "1 process, glibc thresholds" else {})}
     out = subprocess.run([sys.executable, __file__, "--child", mode, str(n), kind], capture_output=True, text=True,
                          env=env)
     if out.returncode != 0:
@@ -128,7 +136,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 50_000, 100_000])
     p.add_argument("--big", type=int, default=2000, help="224x224 images through ResNet-18 (0 skips)")
-    p.add_argument("--modes", nargs="+", default=["held", "1 process", "all cores", "LocalCluster"])
+    p.add_argument("--modes", nargs="+",
+                   default=["held", "1 process", "1 process, glibc thresholds", "all cores", "LocalCluster"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale"))
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -140,7 +149,7 @@ def main(argv=None):
         for mode in args.modes:
             r = run(mode, n, kind)
             rows.append(r)
-            print(f"{kind:9s} {n:7d} {mode:13s} {r['images_per_s']:8.0f} img/s  peak {r['peak_mb']:7.0f} MB"
+            print(f"{kind:9s} {n:7d} {mode:28s} {r['images_per_s']:8.0f} img/s  peak {r['peak_mb']:7.0f} MB"
                   + (f"  worker peak {r['worker_peak_mb']:.0f} MB  start-up {r['startup_s']:.1f} s"
                      if "worker_peak_mb" in r else ""), flush=True)
     out = Path(args.out)

@@ -304,6 +304,9 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         """
         owner = type(self).__name__
         if isinstance(X, DaskShards):
+            if y is not None:
+                raise ValueError(f"{owner}.fit(DaskShards(...)) takes its labels from the dataset's (x, y) items; "
+                                 "y must be None.")
             features = self._features()._fit(X.first_input(owner), owner)
             run_pass = X.pass_runner(features, owner)
         else:

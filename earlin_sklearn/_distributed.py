@@ -1,9 +1,12 @@
 """Fitting on a Dask cluster: the forward passes run where the data is, only statistics travel."""
 
+import contextlib
+import ctypes
 import hashlib
 import math
 import os
 import pickle
+import platform
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -45,6 +48,41 @@ def _features_on_worker(blob):
     return _WORKER_FEATURES[digest]
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+@contextlib.contextmanager
+def roomy_allocator():
+    """glibc allocator thresholds for torch's CPU work, for the time of one task, restored afterwards.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to give
+    memory back to the system sooner), which also fixes glibc's mmap
+    threshold at 128 KiB: every activation buffer of a batch is then mapped
+    and unmapped, and torch runs the prefix at half speed (measured in
+    ``benchmarks/bench_scale.py``). While a shard runs, the thresholds are
+    32 MiB (mmap) and 64 MiB (trim), glibc's own dynamic maxima; afterwards
+    Dask's values are set back. Only where that variable is set (so glibc's
+    dynamic thresholds are already off and the old state is known) and the C
+    library is glibc.
+    """
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    libc = None
+    if trim is not None and platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt  # noqa: B018 -- present in glibc
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, int(trim))
+        libc.mallopt(_M_MMAP_THRESHOLD, int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 * 1024)))
+
+
 _WORKER_SPILLS = {}  # per worker process: (fit digest, shard start) -> FeatureSpill of the first pass
 
 
@@ -55,6 +93,11 @@ def _shard_moments(blob, source, start, stop, transform, n_folds, scatter, reser
     for the next pass. A pass after that reads the file when this worker
     kept one for the shard, and runs the backbone again otherwise.
     """
+    with roomy_allocator():
+        return _shard_pass(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep)
+
+
+def _shard_pass(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
     from ._detector import _kept, _with_labels, accumulate  # the same batch path as a local fit
 
     features = _features_on_worker(blob)

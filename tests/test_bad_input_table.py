@@ -144,6 +144,7 @@ ROWS = {
                                   warns("uint8", lambda e: True)),
     "fit: y overriding a loader's labels, too short": (lambda: _det().fit(_loader(torch.from_numpy(_X())), _y()[:10]),
                                                        raises(ValueError, "more samples than the 10 labels")),
+    "fit: DaskShards with a separate y": (lambda: _det().fit(_dask_shards(), _y()), raises(ValueError, "y must be None")),
     # --- fit: parameters -------------------------------------------------------------------------------
     "fit: a layer that does not exist": (lambda: _det(layer="nope").fit(_X()), raises(ValueError, "'nope' is not a submodule")),
     "fit: a backbone that is a function": (lambda: ShallowFeatureOODDetector(lambda x: x, "layer1").fit(_X()),
@@ -235,6 +236,12 @@ ROWS = {
     "load_split: a directory that is not a split": (lambda: load_split("/nonexistent-dir"),
                                                     raises(FileNotFoundError, "not found")),
 }
+
+
+def _dask_shards():
+    from earlin_sklearn import DaskShards
+
+    return DaskShards(TensorDataset(torch.from_numpy(_X())), client=object())  # refused before the client is used
 
 
 def _det_on(device):

@@ -215,3 +215,25 @@ def test_partial_fit_refuses_an_estimator_fitted_without_statistics():
     del old.moments_  # as an earlier version pickled it
     with pytest.raises(ValueError, match="earlier earlin_sklearn"):
         old.partial_fit(X, y)
+
+
+def test_dask_workers_get_roomy_allocator_thresholds_for_a_task_and_back(monkeypatch):
+    import earlin_sklearn._distributed as distributed_module
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(distributed_module.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(distributed_module.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with distributed_module.roomy_allocator():  # not a Dask worker's environment: nothing changes
+        pass
+    assert calls == []
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as Dask's nanny sets it
+    with distributed_module.roomy_allocator():
+        assert calls == [(-3, 32 << 20), (-1, 64 << 20)]
+    assert calls[2:] == [(-1, 65536), (-3, 128 * 1024)]  # Dask's values again
