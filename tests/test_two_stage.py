@@ -73,3 +73,40 @@ def test_the_server_answers_with_the_cloud_verdict(fitted, tmp_path):
     assert uploaded and all(r.cloud_is_id == bool(cloud_ok[r.index]) for r in uploaded)
     assert all(r.cloud_is_id is None for r in records if not r.uploaded)
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["cloud_is_id"] in (True, False, None)
+
+
+def test_png_and_activation_uploads_get_the_in_process_answers_from_the_two_stage_server(fitted, tmp_path):
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from earlin_sklearn import EdgeRunner
+    from earlin_sklearn._server import create_cloud_app
+
+    two, model = fitted
+    X, _ = make_images(40, seed=11)
+    pixels = (np.clip(X * 0.25 + 0.5, 0, 1) * 255).round().astype(np.uint8)  # camera images...
+    inputs = (pixels.astype(np.float32) / 255.0 - 0.5) / 0.25  # ...and the inputs the split's preprocessing makes
+    edge, cloud = two.export_split()
+    save_split(edge, cloud, tmp_path / "split", torch.from_numpy(inputs[:4]), formats=("pt2",),
+               preprocessing={"mean": [0.5] * 3, "std": [0.25] * 3})
+    with torch.no_grad():
+        classes = model(torch.from_numpy(inputs)).argmax(1).numpy()
+    edge_ok = two.edge_.predict(inputs) == 1
+    cloud_ok = two.cloud_.predict(inputs) == 1
+    assert edge_ok.sum() >= 20  # most of these ID images are uploaded
+    answers = {}
+    with uvicorn_running(create_cloud_app(tmp_path / "split")) as url:
+        for encoding, upload, data in (("png", "raw", pixels.transpose(0, 2, 3, 1)),
+                                       ("float32", "activations", torch.from_numpy(inputs))):
+            with EdgeRunner(tmp_path / "split", url, upload=upload, encoding=encoding) as runner:
+                answers[encoding] = runner.run(data)
+        manifest = json.loads((tmp_path / "split" / "split.json").read_text())
+        headers = {"X-Earlin-Version": manifest["version"], "X-Earlin-Encoding": "png"}
+        bad = httpx.post(f"{url}/v1/raw", content=b"\x89PNG\r\n\x1a\n" + b"\0" * 40, headers=headers)
+        assert 400 <= bad.status_code < 500
+    for encoding, records in answers.items():
+        assert [r.is_id for r in records] == edge_ok.tolist()
+        for r in records:
+            if r.uploaded:
+                assert r.prediction == classes[r.index], encoding
+                assert r.cloud_is_id == bool(cloud_ok[r.index]), encoding
+    assert [r.prediction for r in answers["png"]] == [r.prediction for r in answers["float32"]]
