@@ -1,7 +1,8 @@
 """Scale: fit throughput and peak memory, one process against all local cores and a Dask LocalCluster.
 
     python benchmarks/bench_scale.py
-    python benchmarks/bench_scale.py --sizes 10000 50000 100000 --big 2000
+    python benchmarks/bench_scale.py --sizes 10000 50000 --big 0
+    python benchmarks/bench_scale.py --memory      # peak numpy memory of the fit, held against streamed
 
 Every configuration runs in a fresh process (peak memory is that process's
 maximum resident set, also given above its size after the imports; for the
@@ -76,6 +77,9 @@ def _peak_mb():
 def child(mode, n, kind):
     from earlin_sklearn import BackboneFeatures, DaskShards, ShallowFeatureOODDetector
 
+    if mode.endswith(" (numpy memory)"):
+        return numpy_memory(mode.replace(" (numpy memory)", ""), n, kind)
+
     cores = os.cpu_count() or 1
     net, layer, size = _model(kind)
     data = SyntheticImages(n, size)
@@ -122,6 +126,31 @@ def child(mode, n, kind):
 ROOMY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
+def numpy_memory(mode, n, kind):
+    """Peak memory of the arrays the fit allocates (numpy reports its allocations to tracemalloc; torch's
+    per-batch buffers do not, and are bounded by the batch size): what the fit keeps, free of the
+    allocator's retention that makes the resident set noisy."""
+    import tracemalloc
+
+    from earlin_sklearn import BackboneFeatures, DistanceDetector, ShallowFeatureOODDetector
+    from sklearn.preprocessing import PowerTransformer
+
+    net, layer, size = _model(kind)
+    data = SyntheticImages(n, size)
+    det = ShallowFeatureOODDetector(net, layer, device="cpu", n_threads=1)
+    tracemalloc.start()
+    if mode == "held":
+        features = BackboneFeatures(net, layer, device="cpu", n_threads=1,
+                                    extra_layers=det._features().extra_layers).fit(data[0][0][None].numpy())
+        F, y = features.features_and_labels(DataLoader(data, batch_size=128))
+        DistanceDetector().fit(PowerTransformer().fit_transform(F), y)
+    else:
+        det.fit(DataLoader(data, batch_size=128))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(json.dumps({"mode": mode, "n": n, "kind": kind, "numpy_peak_mb": peak / 2**20}))
+
+
 def run(mode, n, kind):
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() if mode == "all cores" else 1),
            **(ROOMY if mode == "1 process, glibc thresholds" else {})}
@@ -135,14 +164,24 @@ def run(mode, n, kind):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 50_000, 100_000])
-    p.add_argument("--big", type=int, default=2000, help="224x224 images through ResNet-18 (0 skips)")
+    p.add_argument("--big", type=int, default=1000, help="224x224 images through ResNet-18 (0 skips)")
     p.add_argument("--modes", nargs="+",
                    default=["held", "1 process", "1 process, glibc thresholds", "all cores", "LocalCluster"])
+    p.add_argument("--memory", action="store_true",
+                   help="instead: peak numpy memory of 'held' and '1 process' fits (tracemalloc), per size")
+    p.add_argument("--render", action="store_true", help="rewrite results.md from results.json")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale"))
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args.child[0], int(args.child[1]), args.child[2])
+    if args.memory:
+        return memory_table(args)
+    if args.render:
+        rows = json.loads((Path(args.out) / "results.json").read_text())["rows"]
+        table = render(rows)
+        (Path(args.out) / "results.md").write_text(table + "\n")
+        return print(table)
     rows = []
     plan = [(n, "cifar") for n in args.sizes] + ([(args.big, "imagenet")] if args.big else [])
     for n, kind in plan:
@@ -156,16 +195,43 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     meta = {"cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = render(rows)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+def render(rows):
+    """The results table, with each mode's throughput as a ratio to the single-process fit of the same run."""
     lines = ["| images | model input | mode | images/s | ratio to 1 process | peak MB | peak above imports MB "
              "| worker peak MB |", "|---|---|---|---|---|---|---|---|"]
-    for n, kind in plan:
+    for n, kind in dict.fromkeys((r["n"], r["kind"]) for r in rows):
         base = next((r for r in rows if r["n"] == n and r["kind"] == kind and r["mode"] == "1 process"), None)
         for r in (r for r in rows if r["n"] == n and r["kind"] == kind):
             ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}" if base else "-"
-            lines.append(f"| {n} | {'32x32 ResNet-20' if kind == 'cifar' else '224x224 ResNet-18'} | {r['mode']} | "
+            worker = f"{r['worker_peak_mb']:.0f}" if "worker_peak_mb" in r else "-"
+            lines.append(f"| {n:,} | {'32x32 ResNet-20' if kind == 'cifar' else '224x224 ResNet-18'} | {r['mode']} | "
                          f"{r['images_per_s']:.0f} | {ratio} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | "
-                         f"{r.get('worker_peak_mb', float('nan')):.0f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+                         f"{worker} |")
+    return "\n".join(lines)
+
+
+def memory_table(args):
+    rows = []
+    for n in args.sizes:
+        for mode in ("held", "1 process"):
+            r = run(f"{mode} (numpy memory)", n, "cifar")
+            rows.append(r)
+            print(f"{n:7d} {mode:10s} numpy peak {r['numpy_peak_mb']:8.1f} MB", flush=True)
+    lines = ["| images (32x32, ResNet-20 layer1) | " + " | ".join(f"{n:,}" for n in args.sizes) + " |",
+             "|---" * (1 + len(args.sizes)) + "|"]
+    for mode in ("held", "1 process"):
+        label = "features held, then fitted (before)" if mode == "held" else "streaming fit"
+        lines.append(f"| {label}: peak numpy MB | " + " | ".join(
+            f"{r['numpy_peak_mb']:.1f}" for r in rows if r["mode"] == mode) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1))
+    (out / "memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
