@@ -65,7 +65,8 @@ def measure(model, layer, size, n, batch, device, precisions, repeats):
 
     runs = {"bare prefix (inputs on the device)": bare}
     for precision in ["float32", *precisions]:
-        ft = BackboneFeatures(model, layer, batch_size=batch, device=str(device), precision=precision).fit(X[:2].numpy())
+        ft = BackboneFeatures(model, layer, batch_size=batch, device=str(device), precision=precision,
+                              n_threads=None).fit(X[:2].numpy())  # the same torch threads as the bare prefix
         runs[f"BackboneFeatures {precision}, float32 batches from the host"] = lambda ft=ft: ft.transform(X)
         runs[f"BackboneFeatures {precision}, uint8 batches from the host"] = lambda ft=ft: ft.transform(X8)
     for fn in runs.values():  # warm-up (kernels, autotuning, pinned buffers)
