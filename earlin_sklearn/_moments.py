@@ -47,8 +47,11 @@ def fold_of(index, n_folds):
 
 
 def reservoir_key(index):
-    """Sampling key of each row index: the reservoir keeps the rows of smallest key."""
-    return _splitmix64(2 * np.asarray(index, dtype=np.uint64) + np.uint64(1))
+    """Sampling key of each row index: the reservoir keeps the rows of smallest key.
+
+    63 bits of the hash, as int64: every array of the statistics is a dtype that
+    safetensors files hold (``save_detector``)."""
+    return (_splitmix64(2 * np.asarray(index, dtype=np.uint64) + np.uint64(1)) >> np.uint64(1)).astype(np.int64)
 
 
 class FeatureMoments:
@@ -85,7 +88,7 @@ class FeatureMoments:
         self.scatter = np.zeros(shape)
         # the sample: rows, class slots, folds, keys and indices (see _SAMPLE), and candidates not yet merged
         self._sample = (np.zeros((0, self.n_features)), np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp),
-                        np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64))
+                        np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         self._pending = []
 
     # -- accumulating ---------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ class FeatureMoments:
         n = X.shape[0]
         if n == 0:
             return self
-        index = self.start + self.n_rows + np.arange(n, dtype=np.uint64)
+        index = self.start + self.n_rows + np.arange(n, dtype=np.int64)
         slot = self._slots(y, n)
         fold = fold_of(index, self.n_folds)
         group = fold * len(self.labels) + slot
