@@ -1,7 +1,5 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
-import warnings
-
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.pipeline import Pipeline
@@ -19,7 +17,6 @@ from ._spill import FeatureSpill
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
-from .exceptions import EarlinWarning
 
 
 def _fit_power_transform(F):
