@@ -68,9 +68,9 @@ def roomy_allocator():
     trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
     libc = None
     if trim is not None and platform.libc_ver()[0] == "glibc":
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt  # noqa: B018 -- present in glibc
+        with contextlib.suppress(OSError):
+            found = ctypes.CDLL("libc.so.6")
+            libc = found if hasattr(found, "mallopt") else None
     if libc is None:
         yield
         return
