@@ -3,7 +3,6 @@
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import PowerTransformer
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -11,117 +10,12 @@ from ._distance import DistanceDetector, labels_usable
 from ._distributed import DaskShards
 from ._edge import build_split
 from ._features import BackboneFeatures, resolve_extra_layers
-from ._inputs import check_labels, is_torch_data, validate_fit_images, validate_images
+from ._inputs import is_torch_data, validate_fit_images, validate_images
 from ._moments import FeatureMoments, check_statistics
-from ._spill import FeatureSpill
+from ._passes import LocalPasses, check_label_count, fit_power_transform, power_transform, with_labels
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
-
-
-def _fit_power_transform(F):
-    transform = PowerTransformer(method="yeo-johnson", standardize=True)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return transform.fit(F)
-
-
-def _transform(gaussianize, F):
-    if gaussianize == "passthrough":
-        return F
-    with np.errstate(over="ignore", invalid="ignore"):
-        return gaussianize.transform(F)
-
-
-def _batch_labels(y, n, owner):
-    """Labels of one batch of ``n`` images as an array (or None), checked."""
-    if y is None:
-        return None
-    y = _labels_vector(y, owner)
-    if y.shape[0] != n:
-        raise ValueError(f"{owner}: X has {n} samples but y has {y.shape[0]}.")
-    check_labels(y)
-    return y
-
-
-def _with_labels(batches, y, owner):
-    """The ``(features, labels)`` batches, with the labels taken from ``y`` (in order) when it is given."""
-    if y is None:
-        for F, yb in batches:
-            yield _finite(F, owner), _batch_labels(yb, F.shape[0], owner)
-        return
-    y = _labels_vector(y, owner)
-    seen = 0
-    for F, _ in batches:
-        if seen + F.shape[0] > y.shape[0]:
-            raise ValueError(f"{owner}: X has more samples than the {y.shape[0]} labels in y.")
-        yield _finite(F, owner), _batch_labels(y[seen: seen + F.shape[0]], F.shape[0], owner)
-        seen += F.shape[0]
-    if seen != y.shape[0]:
-        raise ValueError(f"{owner}: X has {seen} samples but y has {y.shape[0]}.")
-
-
-def _finite(F, owner):
-    """ID features must be finite: overflowing activations mean images the model was not made for."""
-    if not np.isfinite(F).all():
-        raise ValueError(f"{owner}: the backbone's activations overflowed (the pooled features are not finite) "
-                         "on ID training images. Scale and normalize the images as the model was trained.")
-    return F
-
-
-def _labels_vector(y, owner):
-    """``y`` as a 1-D array: one class label per image (a column vector is accepted)."""
-    y = np.asarray(y)
-    if y.ndim > 1 and y.size != y.shape[0]:
-        raise ValueError(f"{owner}: y must hold one class label per image (shape (N,)); got shape {y.shape}. "
-                         "One-hot labels: pass y.argmax(axis=1).")
-    return y.reshape(-1)
-
-
-def _check_label_count(X, y, owner):
-    """An array's sample count against its labels', before any forward pass."""
-    if y is not None and hasattr(X, "shape") and _labels_vector(y, owner).shape[0] != X.shape[0]:
-        raise ValueError(f"{owner}: X has {X.shape[0]} samples but y has {_labels_vector(y, owner).shape[0]}.")
-
-
-class _LocalPasses:
-    """``passes(transform, n_folds, scatter, keep=False) -> FeatureMoments``: a streamed pass over ``X`` here.
-
-    With ``keep``, the pooled features also go to a temporary file as they
-    come (:class:`FeatureSpill`); a later pass reads them back instead of
-    running the backbone again. Memory stays one batch either way.
-    """
-
-    def __init__(self, features, X, y, owner):
-        _check_label_count(X, y, owner)
-        self.features, self.X, self.y, self.owner = features, X, y, owner
-        self.spill = None
-
-    def __call__(self, transform, n_folds, scatter, keep=False):
-        if self.spill is not None and not keep:
-            batches = self.spill.batches()
-        else:
-            batches = _with_labels(self.features._pooled_batches(self.X, self.owner), self.y, self.owner)
-            if keep:
-                self.spill = FeatureSpill()
-                batches = _kept(batches, self.spill)
-        return accumulate(FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter), batches, transform)
-
-    def close(self):
-        if self.spill is not None:
-            self.spill.close()
-
-
-def _kept(batches, spill):
-    for F, y in batches:
-        spill.write(F, y)
-        yield F, y
-
-
-def accumulate(moments, batches, transform):
-    """Add ``(features, labels)`` batches, power-transformed by ``transform`` when it is not None."""
-    for F, y in batches:
-        moments.update(F if transform is None else _transform(transform, F), y)
-    return moments
 
 
 class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
@@ -309,7 +203,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         else:
             X, sample = validate_fit_images(self, X, self.batch_size)  # validated once, in this class's name
             features = self._features()._fit(sample, owner)
-            run_pass = _LocalPasses(features, X, y, owner)
+            run_pass = LocalPasses(features, X, y, owner)
         n_folds = self.threshold_cv or 1
         try:
             if self.gaussianize is None:
@@ -317,10 +211,10 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             else:
                 # pass 1: a uniform sample of the raw features fits the power transform
                 raw = run_pass(None, 1, "diagonal", keep=True)
-                gaussianize = _fit_power_transform(raw.sample_rows)
+                gaussianize = fit_power_transform(raw.sample_rows)
                 if raw.n_rows <= raw.reservoir_size:  # the sample holds every row: no second pass
                     rows, labels = raw.ordered_sample()
-                    moments = FeatureMoments(raw.n_features, n_folds).update(_transform(gaussianize, rows), labels)
+                    moments = FeatureMoments(raw.n_features, n_folds).update(power_transform(gaussianize, rows), labels)
                 else:  # pass 2 over the kept features (or, on Dask, the data again)
                     moments = run_pass(gaussianize, n_folds, "full")
         finally:
@@ -352,24 +246,24 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             self._validate_params()
             X, sample = validate_fit_images(self, X, self.batch_size)
             features = self._features()._fit(sample, owner)
-            _check_label_count(X, y, owner)
-            parts = list(_with_labels(features._pooled_batches(X, owner), y, owner))
+            check_label_count(X, y, owner)
+            parts = list(with_labels(features._pooled_batches(X, owner), y, owner))
             if not parts:
                 raise ValueError(f"{owner} found no images: the data is empty.")
             F = np.concatenate([F for F, _ in parts])
             y = None if any(yb is None for _, yb in parts) else np.concatenate([yb for _, yb in parts])
-            gaussianize = "passthrough" if self.gaussianize is None else _fit_power_transform(F)
+            gaussianize = "passthrough" if self.gaussianize is None else fit_power_transform(F)
             moments = FeatureMoments(F.shape[1], self.threshold_cv or 1)
-            moments.update(_transform(gaussianize, F), y)
+            moments.update(power_transform(gaussianize, F), y)
             self._set_fitted(features, gaussianize, moments)
             return self
         check_is_fitted(self, "pipeline_")
         features, gaussianize = self.pipeline_["features"], self.pipeline_["gaussianize"]
         if not is_torch_data(X):
             X = validate_images(self, X, reset=False, input_shape=features.input_shape_)
-        _check_label_count(X, y, owner)
-        for F, yb in _with_labels(features._pooled_batches(X, owner), y, owner):
-            self.moments_.update(_transform(gaussianize, F), yb)
+        check_label_count(X, y, owner)
+        for F, yb in with_labels(features._pooled_batches(X, owner), y, owner):
+            self.moments_.update(power_transform(gaussianize, F), yb)
         self._set_fitted(features, gaussianize, self.moments_)
         return self
 

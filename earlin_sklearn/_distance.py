@@ -9,9 +9,9 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._moments import FeatureMoments, check_statistics
+from ._moments import FeatureMoments, PartialFitMixin
 from ._threshold import ThresholdMixin, offset_for_tpr
-from ._inputs import check_labels
+from ._inputs import batch_labels
 from .exceptions import EarlinWarning
 
 METRICS = ("mahalanobis", "euclidean", "cosine")
@@ -116,7 +116,7 @@ def min_centroid_distance(X, centroids, metric, whitening=None):
     return d[np.arange(d.shape[0]), nearest], nearest
 
 
-class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class DistanceDetector(PartialFitMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
     """OOD detector on reduced features: distance to the nearest ID centroid.
 
     With class labels the centroids are the class means (distance to the
@@ -208,38 +208,14 @@ class DistanceDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         X = validate_data(self, X, reset=True, dtype=np.float64)
         return self._partial_fit(X, y, reset=True)
 
-    def partial_fit(self, X, y=None):
-        """Add a batch of ID features to the statistics, and refit from all batches seen.
-
-        Fitting batch by batch gives the same detector as one ``fit`` on all
-        the rows in the same order (the statistics merge exactly, see
-        ``moments_``). Give labels with every batch or with none.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,), default=None
-
-        Returns
-        -------
-        self : object
-        """
-        check_statistics(self, "centroids_")
-        first = not hasattr(self, "moments_")
-        if first:
-            self._validate_params()
-        X = validate_data(self, X, reset=first, dtype=np.float64)
-        return self._partial_fit(X, y, reset=first)
+    _fitted_marker = "centroids_"
 
     def _partial_fit(self, X, y, reset):
         use_classes = self.class_conditional is True or (self.class_conditional == "auto" and y is not None)
         if use_classes:
             if y is None:
                 raise ValueError("class_conditional=True needs class labels y.")
-            y = np.asarray(y).reshape(-1)
-            if y.shape[0] != X.shape[0]:
-                raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
-            check_labels(y)
+            y = batch_labels(y, X.shape[0], type(self).__name__)
         if reset:
             self.moments_ = FeatureMoments(X.shape[1], n_folds=self.threshold_cv or 1)
         self.moments_.update(X, y if use_classes else None)

@@ -12,6 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ._moments import FeatureMoments
+from ._passes import accumulate, kept, with_labels
 from ._spill import FeatureSpill
 from ._optional import require
 
@@ -98,21 +99,19 @@ def _shard_moments(blob, source, start, stop, transform, n_folds, scatter, reser
 
 
 def _shard_pass(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
-    from ._detector import _kept, _with_labels, accumulate  # the same batch path as a local fit
-
     features = _features_on_worker(blob)
     moments = FeatureMoments(features._n_features_out, n_folds, reservoir_size, scatter=scatter, start=start)
     spill_key = (hashlib.sha256(blob).hexdigest(), start)
     spill = _WORKER_SPILLS.get(spill_key)
     if spill is not None and not keep:
         return accumulate(moments, spill.batches(), transform)
-    batches = _with_labels(features._pooled_batches(Subset(_dataset(source), range(start, stop)), owner), None, owner)
+    batches = with_labels(features._pooled_batches(Subset(_dataset(source), range(start, stop)), owner), None, owner)
     if keep:
         from distributed import get_worker
 
         path = os.path.join(get_worker().local_directory, f"earlin-{spill_key[0][:16]}-{start}.f64")
         spill = _WORKER_SPILLS[spill_key] = FeatureSpill(path)
-        batches = _kept(batches, spill)
+        batches = kept(batches, spill)
     return accumulate(moments, batches, transform)
 
 

@@ -84,6 +84,26 @@ def check_labels(y):
         raise ValueError(f"Got {kind} labels; give one class label per image.")
 
 
+def labels_vector(y, owner):
+    """``y`` as a 1-D array: one class label per image (a column vector is accepted)."""
+    y = np.asarray(y)
+    if y.ndim > 1 and y.size != y.shape[0]:
+        raise ValueError(f"{owner}: y must hold one class label per image (shape (N,)); got shape {y.shape}. "
+                         "One-hot labels: pass y.argmax(axis=1).")
+    return y.reshape(-1)
+
+
+def batch_labels(y, n, owner):
+    """The labels of a batch of ``n`` rows as a checked 1-D array (None stays None)."""
+    if y is None:
+        return None
+    y = labels_vector(y, owner)
+    if y.shape[0] != n:
+        raise ValueError(f"{owner}: X has {n} samples but y has {y.shape[0]}.")
+    check_labels(y)
+    return y
+
+
 def warn_uint8(stacklevel):
     """The one warning for uint8 images, from the array path and the loader path alike."""
     warnings.warn(

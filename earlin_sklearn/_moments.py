@@ -22,6 +22,7 @@ it holds them all and every statistic is exact.
 """
 
 import numpy as np
+from sklearn.utils.validation import validate_data
 
 RESERVOIR_SIZE = 10_000
 """Rows kept for the threshold and the Ledoit-Wolf term; a fit on more rows estimates those two from a
@@ -185,31 +186,19 @@ class FeatureMoments:
             merged = [a[keep] for a in merged]
         self._sample, self._pending = tuple(merged), []
 
-    @property
-    def sample_rows(self):
-        """The sampled feature rows, shape ``(n_sampled, n_features)``."""
-        self._consolidate()
-        return self._sample[0]
+    def _sample_part(i, doc):  # noqa: N805 -- a property factory, used in the class body only
+        def get(self):
+            self._consolidate()
+            return self._sample[i]
 
-    @property
-    def sample_slot(self):
-        self._consolidate()
-        return self._sample[1]
+        return property(get, doc=doc)
 
-    @property
-    def sample_fold(self):
-        self._consolidate()
-        return self._sample[2]
-
-    @property
-    def sample_key(self):
-        self._consolidate()
-        return self._sample[3]
-
-    @property
-    def sample_index(self):
-        self._consolidate()
-        return self._sample[4]
+    sample_rows = _sample_part(0, "The sampled feature rows, shape ``(n_sampled, n_features)``.")
+    sample_slot = _sample_part(1, "Class slot of each sampled row.")
+    sample_fold = _sample_part(2, "Fold of each sampled row.")
+    sample_key = _sample_part(3, "Sampling key of each sampled row (the smallest keys are kept).")
+    sample_index = _sample_part(4, "Position in the data of each sampled row.")
+    del _sample_part
 
     def __getstate__(self):
         self._consolidate()
@@ -318,3 +307,32 @@ def check_statistics(estimator, fitted_attribute):
         raise ValueError(f"This {type(estimator).__name__} holds no streaming statistics (fitted by an earlier "
                          "earlin_sklearn, or a step of a ShallowFeatureOODDetector, which keeps them itself): "
                          "partial_fit cannot add to it. Call partial_fit on the detector, or refit with fit.")
+
+
+class PartialFitMixin:
+    """``partial_fit`` for an array step that fits by ``_partial_fit(X, y, reset)`` into its ``moments_``."""
+
+    _fitted_marker = None  # a fitted attribute: present without ``moments_`` means fitted without statistics
+
+    def partial_fit(self, X, y=None):
+        """Add a batch of ID features to the statistics and refit from all the batches seen.
+
+        Batch by batch gives the same result as one ``fit`` on all the rows
+        in the same order: the statistics (``moments_``) merge exactly. Give
+        labels with every batch or with none.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        check_statistics(self, self._fitted_marker)
+        first = not hasattr(self, "moments_")
+        if first:
+            self._validate_params()
+        X = validate_data(self, X, reset=first, dtype=np.float64)
+        return self._partial_fit(X, y, reset=first)

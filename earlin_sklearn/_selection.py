@@ -9,8 +9,8 @@ from sklearn.feature_selection import SelectorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._moments import FeatureMoments, check_statistics
-from ._inputs import check_labels
+from ._moments import FeatureMoments, PartialFitMixin
+from ._inputs import batch_labels
 from .exceptions import EarlinWarning
 
 CRITERIA = ("auto", "variance", "fisher")
@@ -41,7 +41,7 @@ def fisher_score(moments):
     return between / (within / n + np.finfo(np.float64).eps * (1.0 + overall**2))
 
 
-class ChannelSelector(SelectorMixin, BaseEstimator):
+class ChannelSelector(PartialFitMixin, SelectorMixin, BaseEstimator):
     """Keep the most informative channels, scored on ID training data only.
 
     Parameters
@@ -114,35 +114,10 @@ class ChannelSelector(SelectorMixin, BaseEstimator):
         X = validate_data(self, X, reset=True, dtype=np.float64)
         return self._partial_fit(X, y, reset=True)
 
-    def partial_fit(self, X, y=None):
-        """Add a batch of ID features to the channel statistics and rescore the columns.
-
-        Batch by batch gives the same scores and selection as one ``fit``
-        (per-class counts, means and sums of squared deviations merge
-        exactly). Give labels with every batch or with none.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,), default=None
-
-        Returns
-        -------
-        self : object
-        """
-        check_statistics(self, "channels_")
-        first = not hasattr(self, "moments_")
-        if first:
-            self._validate_params()
-        X = validate_data(self, X, reset=first, dtype=np.float64)
-        return self._partial_fit(X, y, reset=first)
+    _fitted_marker = "channels_"
 
     def _partial_fit(self, X, y, reset):
-        if y is not None:
-            y = np.asarray(y).reshape(-1)
-            if y.shape[0] != X.shape[0]:
-                raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}.")
-            check_labels(y)
+        y = batch_labels(y, X.shape[0], type(self).__name__)
         if reset:
             self.moments_ = FeatureMoments(X.shape[1], reservoir_size=0, scatter="diagonal")
         self.moments_.update(X, y)

@@ -1,0 +1,93 @@
+"""A pass over ID data: batches of images -> pooled features -> mergeable statistics, here or on a worker."""
+
+import numpy as np
+from sklearn.preprocessing import PowerTransformer
+
+from ._inputs import batch_labels, labels_vector
+from ._moments import FeatureMoments
+from ._spill import FeatureSpill
+
+
+def fit_power_transform(F):
+    transform = PowerTransformer(method="yeo-johnson", standardize=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return transform.fit(F)
+
+
+def power_transform(gaussianize, F):
+    if gaussianize == "passthrough":
+        return F
+    with np.errstate(over="ignore", invalid="ignore"):
+        return gaussianize.transform(F)
+
+
+def with_labels(batches, y, owner):
+    """The ``(features, labels)`` batches, with the labels taken from ``y`` (in order) when it is given."""
+    if y is None:
+        for F, yb in batches:
+            yield finite(F, owner), batch_labels(yb, F.shape[0], owner)
+        return
+    y = labels_vector(y, owner)
+    seen = 0
+    for F, _ in batches:
+        if seen + F.shape[0] > y.shape[0]:
+            raise ValueError(f"{owner}: X has more samples than the {y.shape[0]} labels in y.")
+        yield finite(F, owner), batch_labels(y[seen: seen + F.shape[0]], F.shape[0], owner)
+        seen += F.shape[0]
+    if seen != y.shape[0]:
+        raise ValueError(f"{owner}: X has {seen} samples but y has {y.shape[0]}.")
+
+
+def finite(F, owner):
+    """ID features must be finite: overflowing activations mean images the model was not made for."""
+    if not np.isfinite(F).all():
+        raise ValueError(f"{owner}: the backbone's activations overflowed (the pooled features are not finite) "
+                         "on ID training images. Scale and normalize the images as the model was trained.")
+    return F
+
+
+def check_label_count(X, y, owner):
+    """An array's sample count against its labels', before any forward pass."""
+    if y is not None and hasattr(X, "shape"):
+        batch_labels(y, X.shape[0], owner)
+
+
+class LocalPasses:
+    """``passes(transform, n_folds, scatter, keep=False) -> FeatureMoments``: a streamed pass over ``X`` here.
+
+    With ``keep``, the pooled features also go to a temporary file as they
+    come (:class:`FeatureSpill`); a later pass reads them back instead of
+    running the backbone again. Memory stays one batch either way.
+    """
+
+    def __init__(self, features, X, y, owner):
+        check_label_count(X, y, owner)
+        self.features, self.X, self.y, self.owner = features, X, y, owner
+        self.spill = None
+
+    def __call__(self, transform, n_folds, scatter, keep=False):
+        if self.spill is not None and not keep:
+            batches = self.spill.batches()
+        else:
+            batches = with_labels(self.features._pooled_batches(self.X, self.owner), self.y, self.owner)
+            if keep:
+                self.spill = FeatureSpill()
+                batches = kept(batches, self.spill)
+        return accumulate(FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter), batches, transform)
+
+    def close(self):
+        if self.spill is not None:
+            self.spill.close()
+
+
+def kept(batches, spill):
+    for F, y in batches:
+        spill.write(F, y)
+        yield F, y
+
+
+def accumulate(moments, batches, transform):
+    """Add ``(features, labels)`` batches, power-transformed by ``transform`` when it is not None."""
+    for F, y in batches:
+        moments.update(F if transform is None else power_transform(transform, F), y)
+    return moments
