@@ -4,7 +4,8 @@
     python benchmarks/explore_detector.py --cache /tmp/earlin_explore
 
 The candidate configurations (pooled statistics, a Yeo-Johnson power
-transform fitted on the ID features, how many further taps inside the edge
+transform fitted on the ID features, free or with its lambdas clipped to
+[0, 2], how many further taps inside the edge
 prefix join the detection layer, channel selection) are listed in
 ``candidates()``. Each runs through the package's own steps
 (``PowerTransformer`` -> ``ChannelSelector`` -> ``DistanceDetector``, as in
@@ -43,6 +44,23 @@ from earlin_sklearn.metrics import auroc, tnr_at_tpr  # noqa: E402
 PSEUDO = ["pseudo-shuffle", "pseudo-blur", "pseudo-noise"]
 
 
+class UnboundedYeoJohnson(PowerTransformer):
+    """Yeo-Johnson with each lambda clipped to [0, 2] after the maximum-likelihood fit.
+
+    Outside that range the transform is bounded on one side (lambda < 0 caps
+    positive inputs below -1/lambda, lambda > 2 caps negative ones), so an OOD
+    value far beyond the ID range lands next to the bound. Clipping keeps both
+    tails unbounded. A candidate of the grid, not a package default.
+    """
+
+    def _yeo_johnson_optimize(self, x):
+        return float(np.clip(super()._yeo_johnson_optimize(x), 0.0, 2.0))
+
+
+TRANSFORMS = {None: lambda: "passthrough", "yeo-johnson": PowerTransformer,
+              "yeo-johnson, lambda in [0, 2]": UnboundedYeoJohnson}
+
+
 class Cache:
     def __init__(self, path):
         self.z = np.load(path)  # allow_pickle=False: arrays only
@@ -68,12 +86,14 @@ def run_config(cache, cfg, split):
         F_eval = {k: cache.feats(k, taps, cfg["stats"])
                   for k in ["test"] + [s for s in cache.sets if s not in PSEUDO + ["train", "test"]]}
     steps = make_pipeline(
-        PowerTransformer() if cfg["transform"] == "yeo-johnson" else "passthrough",
+        TRANSFORMS[cfg["transform"]](),
         ChannelSelector(n_channels=cfg["select"], criterion="fisher"),
         # the threshold (report only) is the package's own: out-of-fold, offset_for_tpr
         DistanceDetector(threshold_cv=None if split == "choice" else 5),
-    ).fit(F_train[:n], cache.y[:n])
-    return {k: steps.score_samples(v) for k, v in F_eval.items()}, steps[-1].offset_
+    )
+    with np.errstate(over="ignore", invalid="ignore"):  # as the package's fit_power_transform
+        steps.fit(F_train[:n], cache.y[:n])
+        return {k: steps.score_samples(v) for k, v in F_eval.items()}, steps[-1].offset_
 
 
 def evaluate(cache, cfg):
@@ -96,7 +116,7 @@ def candidates():
     """The candidate grid."""
     return [{"taps": extra, "stats": stats, "transform": transform, "select": select}
             for stats in (("mean",), ("mean", "std"))
-            for transform in (None, "yeo-johnson")
+            for transform in TRANSFORMS
             for extra in (0, 1, 2)
             for select in ("all", 0.5)]
 
