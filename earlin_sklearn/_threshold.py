@@ -1,6 +1,14 @@
 """The decision rule shared by every detector: a threshold on ``score_samples`` set from ID data only."""
 
+import warnings
+
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+from .exceptions import EarlinWarning
+
+# fewer expected rejections than this and a calibrated threshold rests on a handful of images
+MIN_CALIBRATION_REJECTIONS = 5
 
 
 def offset_for_tpr(scores, target_tpr):
@@ -20,8 +28,63 @@ def offset_for_tpr(scores, target_tpr):
     return float(0.5 * (s[n_reject - 1] + s[n_reject]))
 
 
+def calibrated_offset(scores, target_tpr, owner):
+    """``offset_for_tpr`` on the scores of held-out ID data, with the checks a user's calibration set needs."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size == 0:
+        raise ValueError(f"{owner}.calibrate_threshold: X has no samples.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{owner}.calibrate_threshold: {int(np.sum(~np.isfinite(scores)))} of the {scores.size} "
+                         "calibration samples give a non-finite score; calibrate on finite ID images.")
+    expected = scores.size * (1.0 - target_tpr)
+    if target_tpr < 1.0 and expected < MIN_CALIBRATION_REJECTIONS:
+        warnings.warn(f"{owner}.calibrate_threshold: {scores.size} samples at target_tpr={target_tpr:g} put the "
+                      f"threshold between the {int(np.floor(expected + 1e-9)) or 'no'} lowest scores and the rest; "
+                      f"use at least {int(np.ceil(MIN_CALIBRATION_REJECTIONS / (1.0 - target_tpr)))} samples for a "
+                      "stable threshold.", EarlinWarning, stacklevel=3)
+    return offset_for_tpr(scores, target_tpr)
+
+
 class ThresholdMixin:
     """``decision_function`` and ``predict`` from ``score_samples`` and ``offset_`` (set by ``fit``)."""
+
+    def calibrate_threshold(self, X):
+        """Set the threshold again, from ID data that the fit did not use.
+
+        ``fit`` sets ``offset_`` from the training data. When the backbone was
+        trained on those same images, scores that read its logits (energy,
+        MSP, max logit) are over-confident on them, and the threshold then
+        rejects more than ``1 - target_tpr`` of new ID images. Held-out ID
+        images (a validation split the backbone never saw, or the first
+        images of a deployment known to be ID) give a threshold that holds:
+        afterwards ``offset_`` accepts ``target_tpr`` of ``X``. No OOD data is
+        needed. Everything that reads the threshold (``predict``,
+        ``decision_function``, ``export_split``, saving) reads the new one; a
+        later ``fit`` or ``partial_fit`` sets it from the training data again.
+
+        Parameters
+        ----------
+        X : the ID inputs that ``score_samples`` takes
+            At least ``5 / (1 - target_tpr)`` samples (100 at 95%) for a stable
+            threshold; fewer give a warning.
+
+        Returns
+        -------
+        self : object
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from earlin_sklearn import DistanceDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = DistanceDetector().fit(rng.normal(size=(200, 4)))
+        >>> X_val = rng.normal(size=(400, 4))
+        >>> float(np.mean(det.calibrate_threshold(X_val).predict(X_val) == 1))
+        0.95
+        """
+        check_is_fitted(self)
+        self.offset_ = calibrated_offset(self.score_samples(X), self.target_tpr, type(self).__name__)
+        return self
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for OOD.

@@ -136,6 +136,29 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.offset_ = 0.0
         return self
 
+    def calibrate_threshold(self, X):
+        """Set both stages' thresholds again, from ID data that the fit did not use.
+
+        The cloud stage's logit score is over-confident on the images the
+        backbone was trained on, so a threshold set there rejects more new ID
+        images than its budget. Each stage is recalibrated on ``X`` at its own
+        share of the budget (``target_tpr ** edge_share`` on the edge, the
+        rest in the cloud), as every detector's ``calibrate_threshold`` does.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (N, C, H, W), torch Dataset or DataLoader
+            ID images the backbone was not trained on.
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        self.edge_.calibrate_threshold(X)
+        self.cloud_.calibrate_threshold(X)
+        return self
+
     def score_samples(self, X):
         """The smaller of the two stages' margins (``score - offset``): >= 0 only when both accept.
 
