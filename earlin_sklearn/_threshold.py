@@ -28,8 +28,9 @@ def offset_for_tpr(scores, target_tpr):
     return float(0.5 * (s[n_reject - 1] + s[n_reject]))
 
 
-def calibrated_offset(scores, target_tpr, owner):
-    """``offset_for_tpr`` on the scores of held-out ID data, with the checks a user's calibration set needs."""
+def calibration_scores(scores, target_tpr, owner):
+    """The scores of a user's held-out ID data as float64, refused when empty or non-finite, with a warning when
+    too few of them would fall below the threshold for it to be stable."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if scores.size == 0:
         raise ValueError(f"{owner}.calibrate_threshold: X has no samples.")
@@ -42,7 +43,7 @@ def calibrated_offset(scores, target_tpr, owner):
                       f"threshold between the {int(np.floor(expected + 1e-9)) or 'no'} lowest scores and the rest; "
                       f"use at least {int(np.ceil(MIN_CALIBRATION_REJECTIONS / (1.0 - target_tpr)))} samples for a "
                       "stable threshold.", EarlinWarning, stacklevel=3)
-    return offset_for_tpr(scores, target_tpr)
+    return scores
 
 
 class ThresholdMixin:
@@ -83,7 +84,8 @@ class ThresholdMixin:
         0.95
         """
         check_is_fitted(self)
-        self.offset_ = calibrated_offset(self.score_samples(X), self.target_tpr, type(self).__name__)
+        scores = calibration_scores(self.score_samples(X), self.target_tpr, type(self).__name__)
+        self.offset_ = offset_for_tpr(scores, self.target_tpr)
         return self
 
     def decision_function(self, X):

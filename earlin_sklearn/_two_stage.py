@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._detector import ShallowFeatureOODDetector
-from ._threshold import ThresholdMixin
+from ._threshold import ThresholdMixin, calibration_scores, offset_for_tpr
 from .baselines import LogitDetector, logit_score
 
 CLOUD_METHODS = ("energy", "msp", "maxlogit")  # logit scores that need no input gradient (ODIN does)
@@ -141,9 +141,12 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
         The cloud stage's logit score is over-confident on the images the
         backbone was trained on, so a threshold set there rejects more new ID
-        images than its budget. Each stage is recalibrated on ``X`` at its own
-        share of the budget (``target_tpr ** edge_share`` on the edge, the
-        rest in the cloud), as every detector's ``calibrate_threshold`` does.
+        images than its budget. Here the edge stage is recalibrated on ``X`` at
+        its share of the budget (``target_tpr ** edge_share``), and the cloud
+        stage's threshold takes what remains: together they accept exactly
+        ``target_tpr`` of ``X`` (at least, when rounding), an image rejected by
+        both counted once. On held-out data the stages' rejections overlap,
+        so the product rule of ``fit`` would accept more than ``target_tpr``.
 
         Parameters
         ----------
@@ -155,8 +158,14 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self : object
         """
         check_is_fitted(self)
-        self.edge_.calibrate_threshold(X)
-        self.cloud_.calibrate_threshold(X)
+        owner = type(self).__name__
+        edge_scores = calibration_scores(self.edge_.score_samples(X), self.target_tpr, owner)
+        cloud_scores = calibration_scores(self.cloud_.score_samples(X), 1.0, owner)  # checked, warned once above
+        self.edge_.offset_ = offset_for_tpr(edge_scores, self.edge_.target_tpr)
+        passed = edge_scores >= self.edge_.offset_  # never empty: offset_for_tpr accepts target_tpr > 0 of them
+        n_reject = int(np.floor(edge_scores.size * (1.0 - self.target_tpr) + 1e-9))
+        cloud_reject = max(0, n_reject - int(np.sum(~passed)))
+        self.cloud_.offset_ = offset_for_tpr(cloud_scores[passed], 1.0 - cloud_reject / int(passed.sum()))
         return self
 
     def score_samples(self, X):

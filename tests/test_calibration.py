@@ -60,23 +60,30 @@ def test_the_composite_exports_and_saves_the_calibrated_threshold(tmp_path):
     assert load_detector(tmp_path / "det", make_tiny_cnn()).offset_ == det.offset_
 
 
-def test_two_stage_calibrates_each_stage_at_its_share_of_the_budget():
+def test_two_stage_calibration_gives_the_edge_its_share_and_the_cloud_the_rest():
     X, y = make_images(200)
     two = TwoStageDetector(ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu"),
                            target_tpr=0.9).fit(X, y)
     X_cal, _ = make_images(400, seed=6)
     two.calibrate_threshold(X_cal)
-    n_rejected = int(np.floor(400 * (1 - 0.9 ** 0.5)))  # each stage at its share of the budget: 20 images
-    assert np.sum(two.edge_.predict(X_cal) == -1) == n_rejected == np.sum(two.cloud_.predict(X_cal) == -1)
+    edge_ok = two.edge_.predict(X_cal) == 1
+    assert np.sum(~edge_ok) == int(np.floor(400 * (1 - 0.9 ** 0.5)))  # 20: the edge's share of the budget
+    assert np.sum(two.predict(X_cal) == -1) == 40  # together exactly 10% of the calibration images, overlap once
+    assert np.sum(two.cloud_.predict(X_cal[edge_ok]) == -1) == 20
     assert two.offset_ == 0.0
     _, head = two.export_split()
     assert float(head.offset) == two.cloud_.offset_
+    X_new, _ = make_images(400, seed=7)
+    assert abs(np.mean(two.predict(X_new) == 1) - 0.9) < 0.05
+    with pytest.warns(EarlinWarning) as record:  # 30 images: one warning, not one per stage
+        two.calibrate_threshold(X_cal[:30])
+    assert len(record) == 1
     deep_only = TwoStageDetector(two.edge, target_tpr=0.9, edge_share=0.0).fit(X, y)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # an edge stage at 100% has nothing to reject: no warning for it
+        warnings.simplefilter("error")
         deep_only.calibrate_threshold(X_cal)
-    assert np.all(deep_only.edge_.predict(X_cal) == 1)
-    assert np.mean(deep_only.cloud_.predict(X_cal) == 1) >= 0.9
+    assert np.all(deep_only.edge_.predict(X_cal) == 1)  # an edge at 100% rejects nothing
+    assert np.sum(deep_only.cloud_.predict(X_cal) == -1) == 40
 
 
 def test_calibration_errors_are_clear():
