@@ -19,6 +19,14 @@ each over the real server and edge runner:
 - ``EARLIN two-stage``: ``TwoStageDetector`` (edge and cloud at 97.5% each,
   95% together): the edge rejects far OOD, the cloud near OOD.
 
+Thresholds (``--thresholds``): ``held-out`` (the default) sets every
+detector's threshold again with ``calibrate_threshold`` on a fixed random
+half of the CIFAR-10 test subset, ID images the backbone was not trained on;
+the streams draw their ID images from the other half only. ``train`` keeps
+the thresholds ``fit`` set on the training subset, where the logit scores of
+the cloud stage are over-confident. Both use ID data only, and the streams
+are the same in both.
+
 Streams of ``--n`` inputs mix CIFAR-10 test images (ID) with OOD images at
 10/30/50% OOD: ``far`` (Tiny-ImageNet, SVHN, MNIST, Textures, Gaussian and
 uniform noise in equal shares), ``near`` (CIFAR-100) and ``mixed`` (half far,
@@ -40,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, camera_sets, load_model, load_sets, machine, preprocessing, write_json  # noqa: E402
+from common import FAR_OOD, calibration_split, camera_sets, load_model, load_sets, machine, preprocessing, write_json  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, save_split  # noqa: E402
 from earlin_sklearn._edge_runner import EdgeRecord, EdgeRunner  # noqa: E402
@@ -169,6 +177,8 @@ def main(argv=None):
                                                         "n/2 <= 148 CIFAR-100 images)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--uplink-mbit-s", type=float, default=10.0)
+    p.add_argument("--thresholds", choices=("held-out", "train"), default="held-out",
+                   help="calibrate every threshold on half of the ID test subset, or keep the training ones")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "collab"))
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from results.json")
     args = p.parse_args(argv)
@@ -177,8 +187,11 @@ def main(argv=None):
         return plot(saved["rows"], saved["args"]["fractions"], Path(args.out) / "accuracy_and_bytes.png")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    (Xtr, ytr), _, _ = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
+    (Xtr, ytr), (Xte, _), _ = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
     _, (Pte, yte), camera_ood = camera_sets(args.data_dir, max_ood=1000, n_noise=1000)
+    # a fixed half of the ID test subset for calibration, the other half for the streams (whichever --thresholds)
+    calibration, streamed = calibration_split(len(yte))
+    Pte, yte = Pte[streamed], yte[streamed]
     model = load_model(args.data_dir, "resnet20")
     edge_det = ShallowFeatureOODDetector(model, "layer1", device="cpu")
     fitted = {
@@ -186,6 +199,9 @@ def main(argv=None):
         "two-stage": TwoStageDetector(edge_det).fit(Xtr, ytr),
         "deep": TwoStageDetector(edge_det, edge_share=0.0).fit(Xtr, ytr),
     }
+    if args.thresholds == "held-out":
+        for det in fitted.values():
+            det.calibrate_threshold(Xte[calibration])
     servers, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         dirs, urls, manifests = {}, {}, {}
@@ -222,9 +238,11 @@ def main(argv=None):
                 server.wait(timeout=30)
                 server.stderr.close()
 
-    lines = [f"Command: `python benchmarks/bench_collab.py --data-dir <data> --n {args.n}`; machine: "
-             f"{machine()['cpu']}, {machine()['cores']} cores; server and edge runner on the same machine (loopback). "
-             "Uploads are PNG files.\n",
+    lines = [f"Command: `python benchmarks/bench_collab.py --data-dir <data> --n {args.n} --thresholds "
+             f"{args.thresholds}`; machine: {machine()['cpu']}, {machine()['cores']} cores; server and edge runner on "
+             "the same machine (loopback). Uploads are PNG files. Thresholds: "
+             + ("calibrated on held-out ID images (half of the CIFAR-10 test subset; the streams use the other "
+                "half)" if args.thresholds == "held-out" else "set by fit on the training subset") + ".\n",
              "| stream | OOD | strategy | cloud requests | KiB uploaded (share of cloud only) | cloud GFLOP | p50 / p95 ms | "
              f"p50 / p95 ms @ {args.uplink_mbit_s:g} Mbit/s | overall accuracy | ID lost | OOD rejected |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

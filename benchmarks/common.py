@@ -119,6 +119,12 @@ def camera_sets(data_dir, max_ood=2000, n_noise=1000, seed=0):
     return (pixels(xtr), ytr.numpy()), (pixels(xte), yte.numpy()), {k: pixels(v) for k, v in ood.items()}
 
 
+def calibration_split(n):
+    """A fixed random half of ``n`` ID test images for ``calibrate_threshold``, and the other half to evaluate on."""
+    perm = np.random.default_rng(1).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
 def preprocessing(model):
     """The model's input normalization, as ``save_split(..., preprocessing=...)`` records it."""
     _, _, mean, std, _ = MODELS[model_name(model)]
