@@ -11,6 +11,11 @@ from .exceptions import EarlinWarning
 MIN_CALIBRATION_REJECTIONS = 5
 
 
+def n_rejected(n, target_tpr):
+    """How many of ``n`` ID scores a threshold at ``target_tpr`` puts below it: ``floor(n * (1 - target_tpr))``."""
+    return int(np.floor(n * (1.0 - target_tpr) + 1e-9))
+
+
 def offset_for_tpr(scores, target_tpr):
     """Threshold that accepts (score >= threshold) at least ``target_tpr`` of ``scores``.
 
@@ -20,7 +25,7 @@ def offset_for_tpr(scores, target_tpr):
     the edge device) cannot flip a training sample's decision.
     """
     s = np.sort(np.asarray(scores, dtype=np.float64))
-    n_reject = int(np.floor(s.size * (1.0 - target_tpr) + 1e-9))
+    n_reject = n_rejected(s.size, target_tpr)
     if n_reject == 0:
         return float(s[0] - max(1e-9, 1e-6 * abs(s[0])))
     if n_reject >= s.size:  # a target below 1/n accepts no training sample

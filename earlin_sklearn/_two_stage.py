@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._detector import ShallowFeatureOODDetector
-from ._threshold import ThresholdMixin, calibration_scores, offset_for_tpr
+from ._threshold import ThresholdMixin, calibration_scores, n_rejected, offset_for_tpr
 from .baselines import LogitDetector, logit_score
 
 CLOUD_METHODS = ("energy", "msp", "maxlogit")  # logit scores that need no input gradient (ODIN does)
@@ -163,8 +163,7 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         cloud_scores = calibration_scores(self.cloud_.score_samples(X), 1.0, owner)  # checked, warned once above
         self.edge_.offset_ = offset_for_tpr(edge_scores, self.edge_.target_tpr)
         passed = edge_scores >= self.edge_.offset_  # never empty: offset_for_tpr accepts target_tpr > 0 of them
-        n_reject = int(np.floor(edge_scores.size * (1.0 - self.target_tpr) + 1e-9))
-        cloud_reject = max(0, n_reject - int(np.sum(~passed)))
+        cloud_reject = max(0, n_rejected(edge_scores.size, self.target_tpr) - int(np.sum(~passed)))
         self.cloud_.offset_ = offset_for_tpr(cloud_scores[passed], 1.0 - cloud_reject / int(passed.sum()))
         return self
 
