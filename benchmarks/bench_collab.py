@@ -2,7 +2,8 @@
 
     python benchmarks/bench_collab.py --data-dir ../shared/data
 
-ResNet-20 (CIFAR-10 checkpoint), all detectors fitted on the CIFAR-10 train
+ResNet-20 (CIFAR-10 checkpoint; ``--model resnet56`` or ``shufflenet`` for
+the other development models), all detectors fitted on the CIFAR-10 train
 subset only. Every input is a camera image (uint8 pixels); every upload is
 a PNG file (lossless; the server decodes it and applies the model's
 normalization), which for CIFAR-sized images is smaller than the cut
@@ -14,7 +15,8 @@ each over the real server and edge runner:
 - ``cloud only + deep detector``: every image uploaded, the cloud rejects by
   the energy score of its logits (``TwoStageDetector(edge_share=0)``: the
   whole 95% budget in the cloud);
-- ``EARLIN edge only``: the default detector at ``layer1`` rejects on the
+- ``EARLIN edge only``: the default detector at the end of the first stage
+  (ResNet ``layer1``, ShuffleNet ``stage2``) rejects on the
   device (95%), accepted images are uploaded;
 - ``EARLIN two-stage``: ``TwoStageDetector`` (edge and cloud at 97.5% each,
   95% together): the edge rejects far OOD, the cloud near OOD.
@@ -48,7 +50,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, calibration_split, camera_sets, load_model, load_sets, machine, preprocessing, write_json  # noqa: E402
+from common import (FAR_OOD, MODELS, TITLES, calibration_split, camera_sets, first_stage, load_model,  # noqa: E402
+                    load_sets, machine, preprocessing, write_json)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, save_split  # noqa: E402
 from earlin_sklearn._edge_runner import EdgeRecord, EdgeRunner  # noqa: E402
@@ -170,30 +173,71 @@ def plot(rows, fractions, path):
     fig.savefig(path, dpi=110)
 
 
+def summary(results):
+    """One table over the models whose results are under ``results``: the figures the collaborative targets
+    name, from each model's results.json (``--summary``)."""
+    lines = ["Command: `python benchmarks/bench_collab.py --summary` over the runs of `bench_collab.py --model "
+             "<model>` (held-out thresholds). Overall accuracy on the mixed stream at 50% OOD per strategy, "
+             "two-stage EARLIN's upload share there, its overall accuracy minus cloud only + deep detector's on "
+             "the near stream, and the ID inputs it lost over all nine streams.", "",
+             "| model | mixed 50%: cloud only / + deep detector / edge only / two-stage | two-stage upload share "
+             "(mixed 50%) | near stream 10 / 30 / 50%: two-stage minus deep detector (points) | two-stage ID lost |",
+             "|---|---|---|---|---|"]
+    for model in MODELS:
+        path = results / ("collab" if model == "resnet20" else f"collab_{model}") / "results.json"
+        if not path.exists():
+            continue
+        saved = json.loads(path.read_text())
+        if saved["args"].get("thresholds", "held-out") != "held-out":
+            continue
+        rows = {(r["stream"], r["ood_fraction"], r["strategy"]): r for r in saved["rows"]}
+        mixed = [rows["mixed", 0.5, name]["accuracy"] for name in STRATEGIES]
+        share = rows["mixed", 0.5, "EARLIN two-stage"]["bytes"] / rows["mixed", 0.5, "cloud only"]["bytes"]
+        near = [(rows["near", f, "EARLIN two-stage"], rows["near", f, "cloud only + deep detector"])
+                for f in saved["args"]["fractions"]]
+        lost = [r["id_lost"] for r in saved["rows"] if r["strategy"] == "EARLIN two-stage"]
+        lines.append(f"| {TITLES[model]} | " + " / ".join(f"{100 * a:.1f}" for a in mixed)
+                     + f"% | {100 * share:.0f}% | "
+                     + " / ".join(f"{100 * (two['accuracy'] - deep['accuracy']):+.1f}" for two, deep in near)
+                     + f" | {100 * min(lost):.1f}-{100 * max(lost):.1f}% |")
+    (results / "collab_summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--summary", action="store_true",
+                   help="only write results/collab_summary.md from the models' saved results")
     p.add_argument("--n", type=int, default=280, help="inputs per stream (at 50%% OOD the near stream needs "
                                                         "n/2 <= 148 CIFAR-100 images)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--uplink-mbit-s", type=float, default=10.0)
     p.add_argument("--thresholds", choices=("held-out", "train"), default="held-out",
                    help="calibrate every threshold on half of the ID test subset, or keep the training ones")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "collab"))
+    p.add_argument("--model", choices=list(MODELS), default="resnet20")
+    p.add_argument("--out", default=None, help="default: results/collab (ResNet-20), results/collab_<model>")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from results.json")
     args = p.parse_args(argv)
+    if args.summary:
+        return summary(Path(__file__).parent / "results")
+    if args.data_dir is None:
+        p.error("--data-dir is required (or --summary)")
+    if args.out is None:
+        name = "collab" if args.model == "resnet20" else f"collab_{args.model}"
+        args.out = str(Path(__file__).parent / "results" / name)
     if args.plot_only:
         saved = json.loads((Path(args.out) / "results.json").read_text())
         return plot(saved["rows"], saved["args"]["fractions"], Path(args.out) / "accuracy_and_bytes.png")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    (Xtr, ytr), (Xte, _), _ = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
+    (Xtr, ytr), (Xte, _), _ = load_sets(args.data_dir, max_ood=1000, n_noise=1000, model=args.model)
     _, (Pte, yte), camera_ood = camera_sets(args.data_dir, max_ood=1000, n_noise=1000)
     # a fixed half of the ID test subset for calibration, the other half for the streams (whichever --thresholds)
     calibration, streamed = calibration_split(len(yte))
     Pte, yte = Pte[streamed], yte[streamed]
-    model = load_model(args.data_dir, "resnet20")
-    edge_det = ShallowFeatureOODDetector(model, "layer1", device="cpu")
+    model = load_model(args.data_dir, args.model)
+    edge_det = ShallowFeatureOODDetector(model, first_stage(args.model), device="cpu")
     fitted = {
         "edge": edge_det.fit(Xtr, ytr),
         "two-stage": TwoStageDetector(edge_det).fit(Xtr, ytr),
@@ -209,7 +253,7 @@ def main(argv=None):
             for key, det in fitted.items():
                 dirs[key] = Path(tmp) / key
                 save_split(*det.export_split(), dirs[key], Xtr[:8], formats=("pt2",),
-                           preprocessing=preprocessing("resnet20"))
+                           preprocessing=preprocessing(args.model))
                 manifests[key] = json.loads((dirs[key] / "split.json").read_text())
                 port = free_port()
                 urls[key] = f"http://127.0.0.1:{port}"
@@ -238,9 +282,10 @@ def main(argv=None):
                 server.wait(timeout=30)
                 server.stderr.close()
 
-    lines = [f"Command: `python benchmarks/bench_collab.py --data-dir <data> --n {args.n} --thresholds "
-             f"{args.thresholds}`; machine: {machine()['cpu']}, {machine()['cores']} cores; server and edge runner on "
-             "the same machine (loopback). Uploads are PNG files. Thresholds: "
+    lines = [f"Command: `python benchmarks/bench_collab.py --data-dir <data> --model {args.model} --n {args.n} "
+             f"--thresholds {args.thresholds}`; model: {TITLES[args.model]}, edge at `{first_stage(args.model)}`; "
+             f"machine: {machine()['cpu']}, {machine()['cores']} cores; server and edge runner on the same machine "
+             "(loopback). Uploads are PNG files. Thresholds: "
              + ("calibrated on held-out ID images (half of the CIFAR-10 test subset; the streams use the other "
                 "half)" if args.thresholds == "held-out" else "set by fit on the training subset") + ".\n",
              "| stream | OOD | strategy | cloud requests | KiB uploaded (share of cloud only) | cloud GFLOP | p50 / p95 ms | "
