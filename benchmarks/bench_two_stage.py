@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, MODELS, calibration_split, NEAR_OOD, TITLES, first_stage, load_model, load_sets, machine, write_json  # noqa: E402
+from common import (FAR_OOD, MODELS, NEAR_OOD, TITLES, calibration_split, first_stage, load_model,  # noqa: E402
+                    load_sets, machine, write_json)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector  # noqa: E402
 from earlin_sklearn.baselines import LogitDetector  # noqa: E402
