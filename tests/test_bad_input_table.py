@@ -7,12 +7,14 @@ user should get: a clear error naming the class they called and the problem
 ``works`` row checks the result, not only that nothing raised.
 """
 
+import copy
 import pickle
 from functools import lru_cache
 
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -235,7 +237,29 @@ ROWS = {
                                                  warns("capped|neighbour|k=", lambda k: k.n_neighbors_ == 9)),
     "load_split: a directory that is not a split": (lambda: load_split("/nonexistent-dir"),
                                                     raises(FileNotFoundError, "not found")),
+    # --- calibrate_threshold: held-out ID images (on a copy: it moves the threshold) ---------------------------
+    "calibrate_threshold: before fit": (lambda: _det().calibrate_threshold(_X()), raises(NotFittedError, "not fitted")),
+    "calibrate_threshold: NaN in images": (lambda: _copy().calibrate_threshold(np.where(_X() > 0.9, np.nan, _X())),
+                                           raises(ValueError, "NaN")),
+    "calibrate_threshold: no images": (lambda: _copy().calibrate_threshold(_X()[:0]), raises(ValueError, "0 sample")),
+    "calibrate_threshold: a DataLoader of (image, label)": (
+        lambda: _copy().calibrate_threshold(_loader(*map(torch.from_numpy, _held_out()))),
+        works(lambda d: np.sum(d.predict(_held_out()[0]) == -1) == 6)),  # floor(120 * 5%) of the calibration images
+    "calibrate_threshold: 20 images": (lambda: _copy().calibrate_threshold(_X()[:20]),
+                                       warns("at least 100 samples",
+                                             lambda d: np.sum(d.predict(_X()[:20]) == -1) == 1)),
+    "calibrate_threshold: images of another size": (lambda: _copy().calibrate_threshold(_X()[:, :, :8, :8]),
+                                                    raises(ValueError, r"fitted on images of shape \(3, 12, 12\)")),
 }
+
+
+def _copy():
+    return copy.deepcopy(_fitted())
+
+
+@lru_cache(maxsize=None)
+def _held_out():
+    return make_images(120, seed=9)
 
 
 def _dask_shards():
