@@ -12,6 +12,15 @@ Then the thresholds again, set by ``calibrate_threshold`` on a fixed random
 half of the CIFAR-10 test subset (ID images the backbone was not trained
 on): the share of the other half accepted, against the thresholds from the
 training subset, and what each rejects of CIFAR-100 and of the far-OOD sets.
+
+Last, how the budget split moves things: for each ``edge_share`` in
+``--shares``, the two-stage detector with the edge at ``target_tpr **
+edge_share``, calibrated on the same held-out half (the fitted statistics do
+not depend on the budget, so a copy with the stages' ``target_tpr`` set is
+the detector ``TwoStageDetector(edge_share=...)`` would fit). Reported: ID
+accepted, and for ID, CIFAR-100 and the far-OOD sets the share the edge
+uploads and the share rejected in all. A report for choosing ``edge_share``
+by the deployment's expected mix, not a choice.
 """
 
 import copy
@@ -35,6 +44,7 @@ def main(argv=None):
     p.add_argument("--data-dir", required=True)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--max-ood", type=int, default=1000)
+    p.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "two_stage"))
     args = p.parse_args(argv)
     id_set = "CIFAR-10 test (ID)"
@@ -75,6 +85,20 @@ def main(argv=None):
                     "far_rejected": float(np.mean([np.mean(d.predict(ood[s]) == -1) for s in FAR_OOD])),
                 }
         results[name + " calibration"] = calibrated
+        shares = {}
+        for share in args.shares:
+            d = copy.deepcopy(two).set_params(edge_share=share)
+            d.edge_.target_tpr, d.cloud_.target_tpr = two.target_tpr ** share, two.target_tpr ** (1.0 - share)
+            d.calibrate_threshold(Xte[cal])
+
+            def shares_of(X):
+                e_ok = d.edge_.predict(X) == 1
+                return float(np.mean(e_ok)), float(np.mean(~(e_ok & (d.cloud_.predict(X) == 1))))
+
+            far = np.array([shares_of(ood[s]) for s in FAR_OOD]).mean(axis=0)
+            shares[share] = {"id": shares_of(Xte[held]), "cifar100": shares_of(ood[NEAR_OOD[0]]),
+                             "far": tuple(float(v) for v in far)}
+        results[name + " edge_share"] = {str(k): v for k, v in shares.items()}
         lines += [f"**{TITLES[name]}** (edge at `{layer}`)", "",
                   "| set | EARLIN alone | energy alone (cloud only) | two-stage: edge | two-stage: cloud | "
                   "two-stage: in all |", "|---|---|---|---|---|---|"]
@@ -93,8 +117,15 @@ def main(argv=None):
                   "|---|---|---|---|"]
         lines += [f"| {k} | {100 * r['id_accepted']:.1f} | {100 * r['cifar100_rejected']:.1f} | "
                   f"{100 * r['far_rejected']:.1f} |" for k, r in calibrated.items()]
+        lines += ["", f"The budget split, calibrated on the same {len(cal)} images (95% in all); uploaded: accepted by "
+                  "the edge; rejected: by either stage (%):", "",
+                  "| edge_share | edge TPR | ID accepted | ID uploaded | CIFAR-100 uploaded / rejected | "
+                  "far OOD uploaded / rejected (mean) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k:g} | {100 * two.target_tpr ** k:.1f} | {100 * (1 - r['id'][1]):.1f} | "
+                  f"{100 * r['id'][0]:.1f} | {100 * r['cifar100'][0]:.1f} / {100 * r['cifar100'][1]:.1f} | "
+                  f"{100 * r['far'][0]:.1f} / {100 * r['far'][1]:.1f} |" for k, r in shares.items()]
         lines.append("")
-        print("\n".join(lines[-len(rows) - len(calibrated) - 9:]), flush=True)
+        print("\n".join(lines[-len(rows) - len(calibrated) - len(shares) - 13:]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
