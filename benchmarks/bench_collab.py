@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (FAR_OOD, MODELS, TITLES, calibration_split, camera_sets, first_stage, load_model,  # noqa: E402
-                    load_sets, machine, preprocessing, write_json)
+                    load_sets, machine, preprocessing, write_results)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, save_split  # noqa: E402
 from earlin_sklearn._edge_runner import EdgeRecord, EdgeRunner  # noqa: E402
@@ -299,12 +299,8 @@ def main(argv=None):
                      f"{r['p50_ms']:.2f} / {r['p95_ms']:.2f} | {r['p50_uplink_ms']:.2f} / {r['p95_uplink_ms']:.2f} | "
                      f"{100 * r['accuracy']:.1f}% | {100 * r['id_lost']:.1f}% | {100 * r['ood_rejected']:.1f}% |")
     table = "\n".join(lines)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    write_json(out / "results.json", {"machine": machine(), "args": vars(args), "rows": rows})
-    plot(rows, args.fractions, out / "accuracy_and_bytes.png")
-    print(table)
+    write_results(args.out, table, {"machine": machine(), "args": vars(args), "rows": rows})
+    plot(rows, args.fractions, Path(args.out) / "accuracy_and_bytes.png")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, MODELS, TITLES, load_model, load_sets, machine, write_json  # noqa: E402
+from common import FAR_OOD, MODELS, TITLES, load_model, load_sets, machine, write_results  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, recommend_layer  # noqa: E402
 from earlin_sklearn._layer_choice import pick  # noqa: E402
@@ -96,11 +96,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     results = {name: run_model(name, args.data_dir, args.budgets, args.max_ood) for name in args.models}
     table = markdown(results, args.budgets)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    write_json(out / "results.json", {"machine": machine(), "budgets": args.budgets, "results": results})
-    print(table)
+    write_results(args.out, table, {"machine": machine(), "budgets": args.budgets, "results": results})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODELS, TITLES, camera_sets, first_stage, load_model, load_sets, machine, write_json  # noqa: E402
+from common import MODELS, TITLES, camera_sets, first_stage, load_model, load_sets, machine, write_results  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, collaborative_cost, split_cost  # noqa: E402
 
@@ -58,11 +58,7 @@ def main(argv=None):
             f"{kib(r['raw_jpeg_bytes'])} | {kib(r['payload_float32_bytes'])} | {kib(r['payload_float16_bytes'])} | "
             f"{kib(r['payload_float16_zstd_bytes'])} | {kib(r['payload_int8_bytes'])} | {kib(r['payload_int8_zstd_bytes'])} | "
             f"{100 * r['float16_agreement']:.1f}% / {100 * r['int8_agreement']:.1f}% | {r['cheapest_bytes_at_50pct_ood']} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "results.json", {"machine": machine(), "args": vars(args), "rows": rows})
-    print("\n".join(lines))
+    write_results(args.out, "\n".join(lines), {"machine": machine(), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

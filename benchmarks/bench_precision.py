@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, MODELS, TITLES, first_stage, load_model, load_sets, machine, write_json  # noqa: E402
+from common import FAR_OOD, MODELS, TITLES, first_stage, load_model, load_sets, machine, write_results  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector  # noqa: E402
 from earlin_sklearn.metrics import auroc  # noqa: E402
@@ -78,11 +78,7 @@ def main(argv=None):
         lines.append(f"| {TITLES[r['model']]} | {r['precision']} | {r['max_score_diff_in_id_std']:.1e} | "
                      f"{100 * r['decisions_changed']:.2f}% | {100 * r['id_accepted']:.1f}% | {100 * r['far_auroc']:.1f} | "
                      f"{r['time_ratio']:.2f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "results.json", {"machine": machine(), "args": vars(args), "rows": rows})
-    print("\n".join(lines))
+    write_results(args.out, "\n".join(lines), {"machine": machine(), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_results  # noqa: E402
+
 CHILD = r"""
 import json, sys, time, numpy as np, torch
 from earlin_sklearn import ShallowFeatureOODDetector
@@ -74,11 +77,7 @@ def main(argv=None):
         lines.append(f"| {r['threads']} | {'yes' if r['other_process_busy'] else 'no'} | {r['transform_s']:.2f} | "
                      f"{r['transform_s'] / b['transform_s']:.2f}x | {r['edge_ms_p50']:.2f} | "
                      f"{r['edge_ms_p50'] / b['edge_ms_p50']:.2f}x |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"cores": cores, "rows": rows}, indent=2))
-    print("\n".join(lines))
+    write_results(args.out, "\n".join(lines), {"cores": cores, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (FAR_OOD, MODELS, NEAR_OOD, TITLES, calibration_split, first_stage, load_model,  # noqa: E402
-                    load_sets, machine, write_json)
+                    load_sets, machine, write_results)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector  # noqa: E402
 from earlin_sklearn.baselines import LogitDetector  # noqa: E402
@@ -126,10 +126,7 @@ def main(argv=None):
                   f"{100 * r['far'][0]:.1f} / {100 * r['far'][1]:.1f} |" for k, r in shares.items()]
         lines.append("")
         print("\n".join(lines[-len(rows) - len(calibrated) - len(shares) - 13:]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "results.json", {"machine": machine(), "results": results})
+    write_results(args.out, "\n".join(lines), {"machine": machine(), "results": results}, show=False)
 
 
 if __name__ == "__main__":

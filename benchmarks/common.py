@@ -177,5 +177,15 @@ def write_json(path, payload):
     path.write_text(json.dumps(payload, indent=2, default=float))
 
 
+def write_results(out, markdown, payload, show=True):
+    """``results.md`` (the markdown table the docs include) and ``results.json`` under ``out``; print the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown + "\n")
+    write_json(out / "results.json", payload)
+    if show:
+        print(markdown)
+
+
 def fingerprint(t):
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:12]

@@ -35,14 +35,14 @@ def _first_input(source):
 _WORKER_FEATURES = {}  # per worker process: the frozen prefix of the fits it serves, by digest
 
 
-def _features_on_worker(blob):
-    """The fitted BackboneFeatures pickled in ``blob``, unpickled once per worker process.
+def _features_on_worker(blob, digest):
+    """The fitted BackboneFeatures pickled in ``blob`` (whose sha256 is ``digest``), unpickled once per worker
+    process.
 
     The client sends immutable bytes, not the object: Dask may copy data from
     one worker to another at any time, and a module copied while a forward
     pass runs on it would carry that pass's temporary hooks.
     """
-    digest = hashlib.sha256(blob).hexdigest()
     if digest not in _WORKER_FEATURES:
         _WORKER_FEATURES.clear()  # one fit at a time: keep one prefix in memory
         _WORKER_FEATURES[digest] = pickle.loads(blob)  # bytes this fit's client made (as Dask's own tasks are)
@@ -87,7 +87,7 @@ def roomy_allocator():
 _WORKER_SPILLS = {}  # per worker process: (fit digest, shard start) -> FeatureSpill of the first pass
 
 
-def _shard_moments(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
+def _shard_moments(blob, digest, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
     """Statistics of rows ``start:stop`` of the dataset, computed on the worker that runs this.
 
     ``keep``: write the pooled features to a file in the worker's directory,
@@ -95,13 +95,14 @@ def _shard_moments(blob, source, start, stop, transform, n_folds, scatter, reser
     kept one for the shard, and runs the backbone again otherwise.
     """
     with roomy_allocator():
-        return _shard_pass(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep)
+        return _shard_pass(blob, digest, source, start, stop, transform, n_folds, scatter, reservoir_size, owner,
+                           keep)
 
 
-def _shard_pass(blob, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
-    features = _features_on_worker(blob)
+def _shard_pass(blob, digest, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):
+    features = _features_on_worker(blob, digest)
     moments = FeatureMoments(features._n_features_out, n_folds, reservoir_size, scatter=scatter, start=start)
-    spill_key = (hashlib.sha256(blob).hexdigest(), start)
+    spill_key = (digest, start)
     spill = _WORKER_SPILLS.get(spill_key)
     if spill is not None and not keep:
         return accumulate(moments, spill.batches(), transform)
@@ -202,8 +203,8 @@ class DaskShards:
             futures = []
             for start, stop in shards:
                 placement = {"workers": [where[start]], "allow_other_workers": True} if start in where else {}
-                futures.append(client.submit(_shard_moments, blob, self._source, start, stop, transform, n_folds,
-                                             scatter, reservoir_size, owner, keep, pure=False, **placement))
+                futures.append(client.submit(_shard_moments, blob, digest, self._source, start, stop, transform,
+                                             n_folds, scatter, reservoir_size, owner, keep, pure=False, **placement))
             parts = client.gather(futures)
             if keep:
                 holders = client.who_has(futures)

@@ -16,14 +16,21 @@ from .exceptions import EarlinWarning
 CRITERIA = ("auto", "variance", "fisher")
 
 
+def _column_statistics(moments, pooled=False):
+    """Class counts, class means and each column's within-class sum of squared deviations (full or diagonal
+    statistics alike)."""
+    _, counts, means, within = moments.model(pooled=pooled)
+    return counts, means, (np.diag(within) if within.ndim == 2 else within)
+
+
 def variance_score(moments):
     """Label-free: each channel's variance over the ID samples.
 
     A channel that barely moves over the ID data carries no information to
     tell one input from another.
     """
-    _, counts, means, within = moments.model(pooled=True)
-    return (np.diag(within) if within.ndim == 2 else within) / counts.sum()
+    counts, _, within = _column_statistics(moments, pooled=True)
+    return within / counts.sum()
 
 
 def fisher_score(moments):
@@ -33,8 +40,7 @@ def fisher_score(moments):
     Channels that separate the ID classes are the ones a class-conditional
     distance relies on.
     """
-    _, counts, means, within = moments.model()
-    within = np.diag(within) if within.ndim == 2 else within
+    counts, means, within = _column_statistics(moments)
     n = counts.sum()
     overall = (counts[:, None] * means).sum(axis=0) / n
     between = (counts[:, None] * (means - overall) ** 2).sum(axis=0) / n

@@ -33,15 +33,17 @@ def offset_for_tpr(scores, target_tpr):
     return float(0.5 * (s[n_reject - 1] + s[n_reject]))
 
 
-def calibration_scores(scores, target_tpr, owner):
+def calibration_scores(scores, owner, target_tpr=None):
     """The scores of a user's held-out ID data as float64, refused when empty or non-finite, with a warning when
-    too few of them would fall below the threshold for it to be stable."""
+    too few of them would fall below a threshold at ``target_tpr`` for it to be stable (None: no warning)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if scores.size == 0:
         raise ValueError(f"{owner}.calibrate_threshold: X has no samples.")
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{owner}.calibrate_threshold: {int(np.sum(~np.isfinite(scores)))} of the {scores.size} "
                          "calibration samples give a non-finite score; calibrate on finite ID images.")
+    if target_tpr is None:
+        return scores
     expected = scores.size * (1.0 - target_tpr)
     if target_tpr < 1.0 and expected < MIN_CALIBRATION_REJECTIONS:
         warnings.warn(f"{owner}.calibrate_threshold: {scores.size} samples at target_tpr={target_tpr:g} put the "
@@ -89,7 +91,7 @@ class ThresholdMixin:
         0.95
         """
         check_is_fitted(self)
-        scores = calibration_scores(self.score_samples(X), self.target_tpr, type(self).__name__)
+        scores = calibration_scores(self.score_samples(X), type(self).__name__, self.target_tpr)
         self.offset_ = offset_for_tpr(scores, self.target_tpr)
         return self
 

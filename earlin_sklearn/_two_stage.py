@@ -159,8 +159,8 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         owner = type(self).__name__
-        edge_scores = calibration_scores(self.edge_.score_samples(X), self.target_tpr, owner)
-        cloud_scores = calibration_scores(self.cloud_.score_samples(X), 1.0, owner)  # checked, warned once above
+        edge_scores = calibration_scores(self.edge_.score_samples(X), owner, self.target_tpr)
+        cloud_scores = calibration_scores(self.cloud_.score_samples(X), owner)  # checked; the warning came above
         self.edge_.offset_ = offset_for_tpr(edge_scores, self.edge_.target_tpr)
         passed = edge_scores >= self.edge_.offset_  # never empty: offset_for_tpr accepts target_tpr > 0 of them
         cloud_reject = max(0, n_rejected(edge_scores.size, self.target_tpr) - int(np.sum(~passed)))
