@@ -35,6 +35,7 @@ _EXPORTS = {
     "create_cloud_app": "._server",
     "load_detector": "._persist",
     "load_split": "._export",
+    "held_out_class_auroc": "._scorers",
     "make_ood_scorer": "._scorers",
     "make_pseudo_ood": "._scorers",
     "make_pseudo_ood_scorer": "._scorers",

@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
+import torch
+from sklearn.base import BaseEstimator
 
-from earlin_sklearn import make_pseudo_ood, make_pseudo_ood_scorer
+from earlin_sklearn import (DistanceDetector, ShallowFeatureOODDetector, held_out_class_auroc, make_pseudo_ood,
+                            make_pseudo_ood_scorer)
 from earlin_sklearn._scorers import OODScorer
 
-from .conftest import make_images
+from .conftest import make_images, make_tiny_cnn
 
 
 @pytest.mark.parametrize("kind", ["shuffle", "blur", "noise"])
@@ -37,3 +40,58 @@ def test_scorers_reject_bad_kinds_and_pickle():
         make_pseudo_ood_scorer(kinds=("rotate",))
     assert pickle.loads(pickle.dumps(make_pseudo_ood_scorer())).kinds == ("shuffle", "blur", "noise")
     assert "X_ood of shape (3, 2)" in repr(OODScorer(np.zeros((3, 2))))
+
+
+_FITS = []
+
+
+class _Spy(BaseEstimator):
+    """Records the labels it is fitted on and the rows it scores; scores = minus the first feature."""
+
+    def fit(self, X, y):
+        _FITS.append({"fit_rows": set(np.asarray(X)[:, 1].astype(int)), "fit_classes": set(np.unique(y))})
+        return self
+
+    def score_samples(self, X):
+        _FITS[-1]["val_rows"] = set(np.asarray(X)[:, 1].astype(int))
+        return -np.asarray(X)[:, 0]
+
+
+def test_held_out_class_auroc_leaves_each_class_out_once_and_scores_unseen_rows():
+    y = np.repeat(np.arange(6), 20)
+    X = np.c_[y, np.arange(len(y))].astype(float)  # column 1: the row's index
+    _FITS.clear()
+    spy = _Spy()
+    aurocs = held_out_class_auroc(spy, X, y, n_folds=3, random_state=1)
+    assert aurocs.shape == (3,) and np.all((aurocs >= 0) & (aurocs <= 1))
+    assert not hasattr(spy, "__sklearn_is_fitted__") and len(_FITS) == 3  # clones were fitted
+    val = _FITS[0]["val_rows"]
+    assert len(val) == 24 and all(f["val_rows"] == val for f in _FITS)  # one stratified split, 20% per class
+    left_out = [set(range(6)) - f["fit_classes"] for f in _FITS]
+    assert [len(g) for g in left_out] == [2, 2, 2] and set().union(*left_out) == set(range(6))
+    for f in _FITS:
+        assert not f["fit_rows"] & val  # validation rows are never fitted on
+        assert f["fit_rows"] == {i for i in range(len(y)) if y[i] in f["fit_classes"]} - val
+    np.testing.assert_array_equal(aurocs, held_out_class_auroc(spy, X, y, n_folds=3, random_state=1))
+
+
+def test_held_out_class_auroc_on_images_with_a_detector():
+    X, y = make_images(90, n_classes=3)
+    det = ShallowFeatureOODDetector(make_tiny_cnn(), layer="stem", threshold_cv=None)
+    aurocs = held_out_class_auroc(det, torch.from_numpy(X), y, n_folds=3)
+    assert aurocs.shape == (3,) and np.all(np.isfinite(aurocs))
+    assert not hasattr(det, "pipeline_")
+    # the classes of make_images differ in their pattern: a class never seen scores lower
+    assert aurocs.mean() > 0.9
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((np.zeros((10, 2)), np.zeros(10)), ValueError, "at least 2 classes"),
+    ((np.zeros((10, 2)), np.arange(10) % 2, 3), ValueError, "n_folds"),
+    ((np.zeros((10, 2)), np.arange(9) % 2), ValueError, "one label per input"),
+    ((np.zeros((10, 2)), np.arange(10) % 2, 2, 1.5), ValueError, "val_fraction"),
+    (([[0.0, 1.0]] * 10, np.arange(10) % 2), TypeError, "array or tensor"),
+])
+def test_held_out_class_auroc_rejects_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        held_out_class_auroc(DistanceDetector(), *args)
