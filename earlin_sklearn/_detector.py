@@ -29,8 +29,8 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
     nearest ID class centroid. The threshold comes from ID training data only;
     no OOD data and no retraining are needed. The defaults were selected among
     candidates by an ID-only criterion (held-out ID folds against pseudo-OOD
-    made from them, on three architectures); docs/benchmarks.rst says how the
-    candidates themselves came about.
+    made from them and against held-out classes, on three architectures);
+    docs/benchmarks.rst says how the candidates themselves came about.
 
     Parameters
     ----------
