@@ -95,3 +95,15 @@ def test_held_out_class_auroc_on_images_with_a_detector():
 def test_held_out_class_auroc_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         held_out_class_auroc(DistanceDetector(), *args)
+
+
+def test_held_out_class_auroc_takes_any_label_type_alike():
+    rng = np.random.default_rng(0)
+    names = np.repeat(np.array(["car", "cat", "dog", "ship"]), 30)
+    codes = np.unique(names, return_inverse=True)[1]
+    X = rng.normal(size=(120, 3)) + 3 * np.eye(4, 3)[codes]
+    det = DistanceDetector(class_conditional=True)
+    by_name = held_out_class_auroc(det, X, names, n_folds=2)
+    np.testing.assert_array_equal(by_name, held_out_class_auroc(det, X, codes, n_folds=2))
+    np.testing.assert_array_equal(by_name, held_out_class_auroc(det, torch.from_numpy(X), torch.from_numpy(codes),
+                                                                n_folds=2))
