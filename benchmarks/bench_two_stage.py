@@ -88,7 +88,7 @@ def main(argv=None):
         shares = {}
         for share in args.shares:
             d = copy.deepcopy(two).set_params(edge_share=share)
-            d.edge_.target_tpr, d.cloud_.target_tpr = two.target_tpr ** share, two.target_tpr ** (1.0 - share)
+            d.edge_.target_tpr, d.cloud_.target_tpr = d._stage_tprs()  # the split fit would make
             d.calibrate_threshold(Xte[cal])
 
             def shares_of(X):

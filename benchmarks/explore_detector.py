@@ -34,6 +34,7 @@ docs/benchmarks.rst. Writes results/explore/results.md and results.json.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -84,6 +85,12 @@ class Cache:
         self.sets = sorted({k.split("|")[0] for k in self.z.files if "|" in k})
 
     def feats(self, set_name, taps, stats):
+        """Stacked features; a candidate's choice and report read the same training features three times, so
+        the last few stackings are kept instead of read from the file again."""
+        return self._stacked(set_name, tuple(taps), tuple(stats))
+
+    @functools.lru_cache(maxsize=4)
+    def _stacked(self, set_name, taps, stats):
         return np.hstack([self.z[f"{set_name}|{tap}|{s}"].astype(np.float64) for tap in taps for s in stats])
 
 
@@ -99,8 +106,9 @@ class ScoreFusion:
         return np.split(F, np.cumsum(self.widths)[:-1], axis=1)
 
     def fit(self, F, y):
-        self.parts_ = [fitted({**self.cfg, "fusion": False}, B, y) for B in self._blocks(F)]
-        fit_scores = [p.score_samples(B) for p, B in zip(self.parts_, self._blocks(F))]
+        blocks = self._blocks(F)
+        self.parts_ = [fitted({**self.cfg, "fusion": False}, B, y) for B in blocks]
+        fit_scores = [p.score_samples(B) for p, B in zip(self.parts_, blocks)]
         self.moments_ = [(s.mean(), s.std()) for s in fit_scores]
         self.offset_ = float("nan")
         return self

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.model_selection import train_test_split
-from sklearn.utils import check_random_state
+from sklearn.utils import _safe_indexing, check_random_state
 
 from .metrics import auroc
 
@@ -194,10 +194,6 @@ def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0):
     return PseudoOODScorer(tuple(kinds), random_state)
 
 
-def _rows(X, idx):
-    return X[torch.as_tensor(idx)] if isinstance(X, torch.Tensor) else X[idx]
-
-
 def held_out_class_auroc(estimator, X, y, n_folds=5, val_fraction=0.2, random_state=0):
     """AUROC of ID inputs against whole classes the detector never saw, per fold: OOD without OOD data.
 
@@ -255,9 +251,9 @@ def held_out_class_auroc(estimator, X, y, n_folds=5, val_fraction=0.2, random_st
     >>> by_class.shape, bool(by_class.mean() > one_centroid.mean() + 0.1)
     ((3,), True)
     """
-    if isinstance(X, torch.utils.data.DataLoader) or not hasattr(X, "__getitem__") or not hasattr(X, "shape"):
+    if not (hasattr(X, "shape") and hasattr(X, "__getitem__")):  # a DataLoader, Dataset or list has no shape
         raise TypeError(f"held_out_class_auroc needs X as an array or tensor of inputs; got {type(X).__name__}.")
-    y = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+    y = _as_numpy(y)
     if y.ndim != 1 or len(y) != len(X):
         raise ValueError(f"y must be 1-D with one label per input; got shape {y.shape} for {len(X)} inputs.")
     classes = np.unique(y)
@@ -275,6 +271,7 @@ def held_out_class_auroc(estimator, X, y, n_folds=5, val_fraction=0.2, random_st
     for left_out in np.array_split(rng.permutation(classes), n_folds):
         train = fit_idx[~np.isin(y[fit_idx], left_out)]
         unseen = np.isin(y[val_idx], left_out)
-        scores = np.asarray(clone(estimator).fit(_rows(X, train), y[train]).score_samples(_rows(X, val_idx)))
+        fitted = clone(estimator).fit(_safe_indexing(X, train), y[train])
+        scores = np.asarray(fitted.score_samples(_safe_indexing(X, val_idx)))
         aurocs.append(auroc(scores[~unseen], scores[unseen]))
     return np.asarray(aurocs, dtype=float)

@@ -126,8 +126,7 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         -------
         self : object
         """
-        edge_tpr = self.target_tpr ** self.edge_share
-        cloud_tpr = self.target_tpr ** (1.0 - self.edge_share)
+        edge_tpr, cloud_tpr = self._stage_tprs()
         self.edge_ = clone(self.edge).set_params(target_tpr=edge_tpr).fit(X, y)
         self.cloud_ = LogitDetector(self.edge.backbone, self.cloud_method, target_tpr=cloud_tpr,
                                     batch_size=self.edge.batch_size, device=self.edge.device,
@@ -135,6 +134,10 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.n_features_in_ = self.edge_.n_features_in_
         self.offset_ = 0.0
         return self
+
+    def _stage_tprs(self):
+        """Each stage's share of the budget: ``target_tpr ** edge_share`` on the edge, the rest in the cloud."""
+        return self.target_tpr ** self.edge_share, self.target_tpr ** (1.0 - self.edge_share)
 
     def calibrate_threshold(self, X):
         """Set both stages' thresholds again, from ID data that the fit did not use.
