@@ -1,19 +1,16 @@
 """The deployable parts: the edge module (prefix + detector head) and the cloud module."""
 
 import copy
+import math
 from typing import NamedTuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._features import pool_activation
+from ._features import pooled_parts
 from ._torch import input_dtype
 from ._split import check_tensor_payload, split_model
-
-
-# PowerTransformer's test for a zero (or two) lambda, where Yeo-Johnson takes its log branch
-_LAMBDA_EPS = float(np.spacing(1.0))
 
 
 class EdgeOutput(NamedTuple):
@@ -27,12 +24,29 @@ class EdgeOutput(NamedTuple):
     """The activation that crosses the cut, or a tuple of them (skip connections)."""
 
 
-class DetectorHead(nn.Module):
-    """A fitted :class:`DistanceDetector` (and channel selection) as torch tensors.
+# Yeo-Johnson exponents closer than this to 0 (or 2) are moved to it, where PowerTransformer takes its
+# log branch (below 2.2e-16): the head has one formula for every feature. The transform then moves by
+# at most about 1e-8 * log1p(|x|)**2 / 2.
+MIN_EXPONENT = 1e-8
 
-    Computes in float64 with the same operations as the scikit-learn steps
-    (whitening, then distances from differences), so scores agree with
-    ``score_samples`` to about 1e-12 and decisions agree. Needs no
+
+def _away_from_zero(v, eps):
+    return np.where(np.abs(v) < eps, np.where(v < 0, -eps, eps), v)
+
+
+class DetectorHead(nn.Module):
+    """A fitted :class:`DistanceDetector` (with its power transform and channel selection) as a few tensor operations.
+
+    Everything that does not depend on the input is computed once, here:
+    the Yeo-Johnson transform of a feature ``b`` is, on each side of zero,
+    an affine function of ``(1 + |b|) ** e`` (``e`` = lambda for ``b >= 0``,
+    2 - lambda below), so its affine parts, the standardization, the channel
+    selection and the Mahalanobis whitening fold into one matrix, and the
+    constant terms into the class centroids. At run time the head computes
+    ``(1 + relu(+-b)) ** e`` for the pooled features, one matrix product and
+    the distances to all centroids at once: about ten operations whatever the
+    number of features and classes, in float64, so scores agree with
+    ``score_samples`` to about 1e-12 (relative) and decisions agree. Needs no
     scikit-learn at run time.
 
     Parameters
@@ -51,7 +65,12 @@ class DetectorHead(nn.Module):
         selected index + 1).
     gaussianize : sklearn.preprocessing.PowerTransformer, default=None
         A fitted Yeo-Johnson transform applied to the pooled features before
-        selection (its lambdas and standardization become tensors).
+        selection (its lambdas and standardization are folded in).
+    input_order : array-like of int, default=None
+        ``input_order[j]`` is the pooled feature (in :class:`BackboneFeatures`'
+        order) that column ``j`` of the head's input holds; None: that order
+        itself. :class:`EdgeModule` pools stacked taps in one pass and hands
+        the head their features in that pass's order.
 
     Examples
     --------
@@ -67,20 +86,11 @@ class DetectorHead(nn.Module):
     True
     """
 
-    def __init__(self, channels, centroids, whitening, metric, offset, n_pooled=None, gaussianize=None):
+    def __init__(self, channels, centroids, whitening, metric, offset, n_pooled=None, gaussianize=None,
+                 input_order=None):
         super().__init__()
         self.metric = metric
         self.gaussianize = gaussianize is not None
-        if self.gaussianize:
-            lambdas = np.asarray(gaussianize.lambdas_, dtype=np.float64)
-            # PowerTransformer keeps its standardization in a private StandardScaler: read it (an
-            # AttributeError if scikit-learn renames it, never a silently unstandardized edge)
-            scaler = gaussianize._scaler if gaussianize.standardize else None
-            mean = np.zeros_like(lambdas) if scaler is None else scaler.mean_
-            scale = np.ones_like(lambdas) if scaler is None else scaler.scale_
-            self.register_buffer("yj_lambda", torch.as_tensor(lambdas))
-            self.register_buffer("yj_mean", torch.as_tensor(np.asarray(mean, dtype=np.float64)))
-            self.register_buffer("yj_scale", torch.as_tensor(np.asarray(scale, dtype=np.float64)))
         channels = np.asarray(channels)
         centroids = np.asarray(centroids, dtype=np.float64)
         w = np.eye(centroids.shape[1]) if whitening is None else np.asarray(whitening, dtype=np.float64)
@@ -89,49 +99,83 @@ class DetectorHead(nn.Module):
             w = np.eye(centroids.shape[1])  # select only: normalization comes after
         else:
             centroids = centroids @ w  # whitened (Mahalanobis) as min_centroid_distance does
-        # channel selection folded into one matrix: pooled @ projection == pooled[:, channels] @ w
+        # channel selection as one matrix: pooled @ projection == pooled[:, channels] @ w
         n_pooled = int(channels.max()) + 1 if n_pooled is None else int(n_pooled)
         projection = np.zeros((n_pooled, w.shape[1]))
         projection[channels] = w
-        self.register_buffer("projection", torch.as_tensor(projection))
+        order = np.arange(n_pooled) if input_order is None else np.asarray(input_order, dtype=np.intp)
+        if sorted(order.tolist()) != list(range(n_pooled)):
+            raise ValueError(f"input_order must be a permutation of the {n_pooled} pooled features.")
+        if self.gaussianize:
+            lam = _away_from_zero(np.asarray(gaussianize.lambdas_, dtype=np.float64), MIN_EXPONENT)
+            lam = 2.0 - _away_from_zero(2.0 - lam, MIN_EXPONENT)
+            # PowerTransformer keeps its standardization in a private StandardScaler: read it (an
+            # AttributeError if scikit-learn renames it, never a silently unstandardized edge)
+            scaler = gaussianize._scaler if gaussianize.standardize else None
+            mean = np.zeros_like(lam) if scaler is None else np.asarray(scaler.mean_, dtype=np.float64)
+            scale = np.ones_like(lam) if scaler is None else np.asarray(scaler.scale_, dtype=np.float64)
+            lam, mean, scale = lam[order], mean[order], scale[order]
+            # yeo_johnson(b) = ((1 + relu(b)) ** lam - 1) / lam - ((1 + relu(-b)) ** (2 - lam) - 1) / (2 - lam): one
+            # power of each side of zero (the other side is 1 ** e - 1 = 0), in PowerTransformer's order of operations
+            self.register_buffer("one", torch.ones(1, dtype=torch.float64))
+            self.register_buffer("side", torch.as_tensor(np.stack([np.ones_like(lam), -np.ones_like(lam)])))
+            self.register_buffer("exponent", torch.as_tensor(np.stack([lam, 2.0 - lam])))
+            self.register_buffer("signed_exponent", torch.as_tensor(np.stack([lam, lam - 2.0])))
+            self.register_buffer("mean", torch.as_tensor(mean))
+            self.register_buffer("scale", torch.as_tensor(scale))
+        self.register_buffer("projection", torch.as_tensor(projection[order]))
         self.register_buffer("centroids", torch.as_tensor(centroids))
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
 
     @classmethod
-    def from_steps(cls, select, distance, gaussianize=None):
+    def from_steps(cls, select, distance, gaussianize=None, input_order=None):
         """Build from a fitted :class:`ChannelSelector`, :class:`DistanceDetector` (and power transform).
 
         The threshold is the distance step's ``offset_``, the one that every path reads.
         """
         n_pooled = gaussianize.n_features_in_ if gaussianize is not None else select.n_features_in_
         return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, distance.offset_,
-                   n_pooled=n_pooled, gaussianize=gaussianize)
-
-    def _yeo_johnson(self, x):
-        # sklearn's PowerTransformer formula, both branches computed on clamped inputs (no NaN from the unused one)
-        lam, eps = self.yj_lambda, _LAMBDA_EPS
-        pos, neg = x.clamp_min(0), (-x).clamp_min(0)
-        lam_pos = torch.where(lam.abs() < eps, torch.ones_like(lam), lam)
-        out_pos = torch.where(lam.abs() < eps, torch.log1p(pos), ((pos + 1).pow(lam_pos) - 1) / lam_pos)
-        two = 2.0 - lam
-        two_safe = torch.where(two.abs() < eps, torch.ones_like(two), two)
-        out_neg = torch.where(two.abs() < eps, -torch.log1p(neg), -((neg + 1).pow(two_safe) - 1) / two_safe)
-        return (torch.where(x >= 0, out_pos, out_neg) - self.yj_mean) / self.yj_scale
+                   n_pooled=n_pooled, gaussianize=gaussianize, input_order=input_order)
 
     def forward(self, pooled):
-        x = pooled.to(torch.float64)
         if self.gaussianize:
-            x = self._yeo_johnson(x)
-        x = x @ self.projection
-        if self.metric == "cosine":
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        d = (x[:, None, :] - self.centroids[None, :, :]).square().sum(dim=2)
-        if self.metric == "cosine":
-            score = -0.5 * d.min(dim=1).values  # 1 - cos for unit vectors
+            # 1 + relu(+-b) for both sides of zero, in float64 (a float32 input is promoted here)
+            sides = torch.addcmul(self.one, pooled[:, None, :], self.side).clamp_min(1.0)
+            u = (((sides.pow(self.exponent) - 1.0) / self.signed_exponent).sum(dim=1) - self.mean) / self.scale
         else:
-            score = -d.min(dim=1).values.sqrt()
+            u = pooled.to(torch.float64)
+        z = u @ self.projection  # selected and whitened
+        if self.metric == "cosine":
+            z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
+        diff = z[:, None, :] - self.centroids
+        d2 = (diff * diff).sum(dim=2).amin(dim=1)  # all classes at once
+        score = -0.5 * d2 if self.metric == "cosine" else -d2.sqrt()  # 1 - cos for unit vectors
         # an input whose features overflow scores as far from ID as possible (never NaN, never accepted)
-        return score.masked_fill(torch.isnan(score), float("-inf"))
+        return torch.where(torch.isnan(score), -math.inf, score)
+
+
+def grouped(parts_per_tap):
+    """The taps' pooled blocks grouped by kind: ``[block 0 of every tap, block 1 of every tap, ...]``.
+
+    Taps whose poolings give different numbers of blocks stay one after another.
+    """
+    parts_per_tap = list(parts_per_tap)
+    if len({len(p) for p in parts_per_tap}) != 1:
+        return [b for p in parts_per_tap for b in p]
+    return [p[k] for k in range(len(parts_per_tap[0])) for p in parts_per_tap]
+
+
+def grouped_order(widths_per_tap):
+    """``input_order`` of :class:`DetectorHead` for :func:`grouped` blocks of these widths.
+
+    :class:`BackboneFeatures` joins the blocks tap by tap (the means and
+    standard deviations of tap 0, then of tap 1, ...).
+    """
+    blocks, at = [], 0  # (first column, width) of every block, in BackboneFeatures' order
+    for widths in widths_per_tap:
+        blocks.append([(at + start, w) for start, w in zip(np.cumsum([0, *widths[:-1]]), widths)])
+        at += sum(widths)
+    return np.concatenate([np.arange(start, start + w) for start, w in grouped(blocks)])
 
 
 class EdgeModule(nn.Module):
@@ -177,8 +221,13 @@ class EdgeModule(nn.Module):
         return [*rest[: self.n_extra], activation], rest[self.n_extra :]
 
     def pooled(self, taps):
-        """The detector's pooled features, in :class:`BackboneFeatures`' order."""
-        return torch.cat([pool_activation(a, self.pooling, self.layout) for a in taps], dim=1)
+        """The detector's pooled features, in the order ``head`` takes them (``head.input_order``).
+
+        Each tap is pooled on its own (``pooled_parts``); the blocks are
+        grouped by kind, all the taps' means, then all their standard
+        deviations, so that the head reads one contiguous row per input.
+        """
+        return torch.cat(grouped(pooled_parts(a, self.pooling, self.layout) for a in taps), dim=1)
 
     def forward(self, x):
         taps, crossing = self.taps_and_crossing(x)
@@ -233,9 +282,15 @@ def build_split(detector):
     extra = features.extra_layers_
     example = torch.zeros((1, *features.input_shape_), dtype=input_dtype(module))
     prefix, suffix = split_model(module, features.layer, extra, example=example)
+    with torch.no_grad():
+        taps = prefix(example)[: 1 + len(extra)]
+        taps = [*taps[1:], taps[0]]  # [*extra, activation], as BackboneFeatures pools them
+        order = grouped_order([[int(b.shape[1]) for b in pooled_parts(t, features.pooling, features.layout)]
+                               for t in taps])
     gaussianize = detector.pipeline_["gaussianize"]
     head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"],
-                                   gaussianize=None if gaussianize == "passthrough" else gaussianize)
+                                   gaussianize=None if gaussianize == "passthrough" else gaussianize,
+                                   input_order=order)
     edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra), layout=features.layout)
     edge.layer, edge.extra_layers = features.layer, list(extra)
     edge = edge.eval().requires_grad_(False)

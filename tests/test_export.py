@@ -9,6 +9,8 @@ import torch
 from earlin_sklearn import ShallowFeatureOODDetector, save_split
 from earlin_sklearn.models import cifar_resnet
 
+from .conftest import EDGE_RTOL
+
 ort = pytest.importorskip("onnxruntime")
 
 
@@ -58,7 +60,7 @@ def test_pt2_parity(exported):
     with torch.no_grad():
         is_id, score, *payload = edge(X)
         torch.testing.assert_close(cloud(*payload), model(X), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(score.numpy(), det.score_samples(X), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(score.numpy(), det.score_samples(X), rtol=EDGE_RTOL, atol=EDGE_RTOL)
     np.testing.assert_array_equal(is_id.numpy(), det.predict(X) == 1)
 
 
@@ -100,7 +102,7 @@ def test_edge_artifact_runs_without_scikit_learn(exported, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ran without scikit-learn" in result.stdout
-    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), det.score_samples(X), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), det.score_samples(X), rtol=EDGE_RTOL, atol=EDGE_RTOL)
 
 
 def test_bad_format(exported, tmp_path):
