@@ -11,6 +11,36 @@ VERSION = next(
     if line.startswith("__version__")
 )
 
+# the device side (earlin_sklearn.edge): numpy, a runtime and the HTTP client; on a device without PyTorch,
+# `pip install --no-deps earlin_sklearn` first, then these (docs/edge_cloud.rst, "A device without PyTorch")
+EDGE = ["onnxruntime>=1.17", "httpx>=0.27", "pillow>=9"]
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "zstandard>=0.22"]
+EXPORT = ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"]
+# ExecuTorch programs (.pte) and their int8 quantization (PT2E, torchao); its wheel also carries the
+# runtime libraries the device side runs .pte files with
+EXECUTORCH = ["executorch>=1.5"]
+DOCS = ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0.15", "sphinx-gallery>=0.16",
+        "myst-parser>=2", *EXPORT, *SERVE, "distributed>=2024.1"]
+# the docs build (tests/test_docs.py, which also runs the examples) is part of the tests; .ci/oldest
+# installs test-core, since ExecuTorch's wheels need a recent torch and numpy 2
+TEST_CORE = ["pytest>=7", "hypothesis>=6", *DOCS, *EDGE, "prometheus-client>=0.20"]
+EXTRAS = {
+    "test": [*TEST_CORE, *EXECUTORCH],
+    "test-core": TEST_CORE,
+    # fitting on a Dask cluster (DaskShards)
+    "distributed": ["distributed>=2024.1"],
+    # the cloud server and the edge runner (earlin serve-cloud / run-edge)
+    # (zstandard: compressed activation bodies, --compression zstd)
+    "serve": SERVE,
+    "edge": EDGE,
+    # benchmarks only: the peer library the baselines are validated against
+    "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6"],
+    "export": EXPORT,
+    "executorch": EXECUTORCH,
+    "plot": ["matplotlib>=3.6"],
+    "docs": DOCS,
+}
+
 setup(
     name="earlin_sklearn",
     version=VERSION,
@@ -20,6 +50,8 @@ setup(
     long_description_content_type="text/x-rst",
     license="BSD-3-Clause",
     packages=find_packages(include=["earlin_sklearn", "earlin_sklearn.*"]),
+    # the C shim the device side compiles against ExecuTorch's runtime libraries (earlin_sklearn/edge/_executorch.py)
+    package_data={"earlin_sklearn.edge": ["*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         # floors tested by .ci/oldest: scikit-learn 1.6's Yeo-Johnson fit fails on some
@@ -37,24 +69,7 @@ setup(
         # save_detector/load_detector: tensors in a format that holds no code (no pickle)
         "safetensors>=0.4",
     ],
-    extras_require={
-        # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests
-        "test": ["pytest>=7", "hypothesis>=6", "sphinx>=7", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15",
-                 "sphinx-gallery>=0.16", "myst-parser>=2", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1", "matplotlib>=3.6",
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "distributed>=2024.1", "zstandard>=0.22"],
-        # fitting on a Dask cluster (DaskShards)
-        "distributed": ["distributed>=2024.1"],
-        # the cloud server and the edge runner (earlin serve-cloud / run-edge)
-        # (zstandard: compressed activation bodies, --compression zstd)
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "zstandard>=0.22"],
-        # benchmarks only: the peer library the baselines are validated against
-        "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6"],
-        "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"],
-        "plot": ["matplotlib>=3.6"],
-        "docs": ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0.15", "sphinx-gallery>=0.16",
-                 "myst-parser>=2", "onnx>=1.16", "onnxscript>=0.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
-                 "distributed>=2024.1"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["earlin=earlin_sklearn.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -54,8 +54,8 @@ from common import (FAR_OOD, MODELS, TITLES, calibration_split, camera_sets, fir
                     load_sets, machine, preprocessing, write_results)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, save_split  # noqa: E402
-from earlin_sklearn._edge_runner import EdgeRecord, EdgeRunner  # noqa: E402
-from earlin_sklearn._protocol import HEADER_ENCODING, HEADER_VERSION, encode_image  # noqa: E402
+from earlin_sklearn.edge import EdgeRecord, EdgeRunner  # noqa: E402
+from earlin_sklearn.edge._wire import HEADER_ENCODING, HEADER_VERSION, encode_image  # noqa: E402
 
 STRATEGIES = ("cloud only", "cloud only + deep detector", "EARLIN edge only", "EARLIN two-stage")
 STREAMS = ("far", "near", "mixed")

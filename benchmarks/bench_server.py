@@ -38,7 +38,7 @@ from bench_collab import free_port, start_server  # noqa: E402
 from common import machine  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # noqa: E402
-from earlin_sklearn._protocol import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encode  # noqa: E402
+from earlin_sklearn.edge._wire import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encode  # noqa: E402
 from earlin_sklearn.models import cifar_resnet  # noqa: E402
 
 TOKEN = "bench-token"
@@ -76,7 +76,7 @@ def main(argv=None):
 
     def expected(body, batch, encoding):
         with torch.inference_mode():
-            return cloud(*decode(body, shapes, batch, encoding)).argmax(1).tolist()
+            return cloud(*[torch.from_numpy(t) for t in decode(body, shapes, batch, encoding)]).argmax(1).tolist()
 
     port = free_port()
     proc = start_server(work / "split", port, "--token-file", str(work / "token"), global_options=("--threads", "1"))

@@ -22,8 +22,9 @@ _EXPORTS = {
     "EarlinWarning": ".exceptions",
     "EdgeModule": "._edge",
     "EdgeOutput": "._edge",
-    "EdgeRecord": "._edge_runner",
-    "EdgeRunner": "._edge_runner",
+    "EdgeProgram": ".edge",
+    "EdgeRecord": ".edge",
+    "EdgeRunner": ".edge",
     "LayerRecommendation": "._layer_choice",
     "ShallowFeatureOODDetector": "._detector",
     "TwoStageDetector": "._two_stage",
@@ -34,6 +35,7 @@ _EXPORTS = {
     "collaborative_cost": "._cost",
     "create_cloud_app": "._server",
     "load_detector": "._persist",
+    "load_edge_program": ".edge",
     "load_split": "._export",
     "held_out_class_auroc": "._scorers",
     "make_ood_scorer": "._scorers",
@@ -45,7 +47,7 @@ _EXPORTS = {
     "split_cost": "._cost",
     "split_model": "._split",
 }
-_SUBMODULES = ("baselines", "datasets", "exceptions", "metrics", "models")
+_SUBMODULES = ("baselines", "datasets", "edge", "exceptions", "metrics", "models")
 
 
 def __getattr__(name):

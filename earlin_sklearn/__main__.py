@@ -25,7 +25,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="earlin", description="EARLIN early OOD detection.")
     parser.add_argument("--version", action="version", version=f"earlin_sklearn {__version__}")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: half the cores, at least 1)")
+                        help="intra-op threads (torch: default half the cores, at least 1; run-edge's runtime: 1)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole method offline on scikit-learn's digits")
     demo.add_argument("--layer", default="layer1", choices=DEMO_LAYERS, help="detection layer of the demo CNN")
@@ -63,6 +63,11 @@ def main(argv=None):
     edge.add_argument("--resume", action="store_true", help="continue from --log: skip inputs already processed")
     edge.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     edge.add_argument("--retries", type=int, default=5, help="retries per upload (timeouts, disconnects, 5xx)")
+    edge.add_argument("--runtime", choices=("auto", "executorch", "onnxruntime", "torch"), default="auto",
+                      help="which edge file runs: ExecuTorch (.pte), ONNX Runtime (.onnx) or PyTorch (.pt2); auto: "
+                           "the first of these the split has and this machine can run (only torch imports PyTorch)")
+    edge.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
+                      help="auto: the split's int8 edge for that runtime when it has one")
     _secret_options(edge)
     args = parser.parse_args(argv)
     for name in ("token", "key"):
@@ -74,11 +79,12 @@ def main(argv=None):
                 parser.error(f"--{name}-file: {exc}")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    import torch
+    if args.command != "run-edge":  # the edge runner imports no torch: its runtime takes the thread count
+        import torch
 
-    from ._torch import default_threads
+        from ._torch import default_threads
 
-    torch.set_num_threads(args.threads or default_threads())
+        torch.set_num_threads(args.threads or default_threads())
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -103,20 +109,25 @@ def main(argv=None):
         from ._optional import require
 
         try:
-            require("earlin run-edge", "serve", "httpx")
+            require("earlin run-edge", "edge", "httpx")
         except ImportError as exc:
             print(f"earlin: {exc}", file=sys.stderr)
             return 2
-        from ._edge_runner import CloudRefused, EdgeRunner, read_inputs, summarize
+        from .edge import CloudRefused, EdgeRunner, read_inputs, summarize
+        from .exceptions import SplitVerificationError
 
+        images = args.encoding in IMAGE_FORMATS
         try:
-            images = args.encoding in IMAGE_FORMATS
-            X, y = read_inputs(args.input, args.mean, args.std, keep_uint8=images)
+            X, y = read_inputs(args.input)
             with EdgeRunner(args.split_dir, args.url, upload="raw" if images else args.upload, encoding=args.encoding,
                             token=args.token, key=args.key, timeout=args.timeout, retries=args.retries,
-                            jpeg_quality=args.jpeg_quality, compression=args.compression) as runner:
+                            jpeg_quality=args.jpeg_quality, compression=args.compression, runtime=args.runtime,
+                            precision=args.precision, threads=args.threads or 1, mean=args.mean,
+                            std=args.std) as runner:
+                print(f"earlin run-edge: {runner.program.name} ({runner.program.runtime}, {runner.program.precision})",
+                      file=sys.stderr)
                 records = runner.run(X, labels=y, log=args.log, resume=args.resume)
-        except (CloudRefused, ValueError, FileNotFoundError) as exc:
+        except (CloudRefused, ValueError, FileNotFoundError, ImportError, SplitVerificationError) as exc:
             print(f"earlin run-edge: {exc}", file=sys.stderr)
             return 2
         summary = summarize(records)

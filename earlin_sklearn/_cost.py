@@ -9,7 +9,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._protocol import dequantize_uint8, encoded_size, quantize_uint8, transfer_seconds
+from .edge._wire import dequantize_uint8, encoded_size, quantize_uint8, transfer_seconds
 
 
 
@@ -197,7 +197,7 @@ def split_cost(edge, cloud, X, y=None, backbone=None, images=None):
         n_eval=int(X.shape[0]),
     )
     if images is not None:
-        from ._protocol import encode_image
+        from .edge._wire import encode_image
 
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -208,9 +208,9 @@ def split_cost(edge, cloud, X, y=None, backbone=None, images=None):
         payload = edge.taps_and_crossing(X)[1]
         ref = cloud.suffix(*payload)
         half = cloud.suffix(*[p.half().float() for p in payload])
-        int8 = cloud.suffix(*[dequantize_uint8(*quantize_uint8(p)) for p in payload])
+        int8 = cloud.suffix(*[torch.from_numpy(dequantize_uint8(*quantize_uint8(p))) for p in payload])
     if importlib.util.find_spec("zstandard") is not None:
-        from ._protocol import compress, encode
+        from .edge._wire import compress, encode
 
         for encoding in ("float16", "int8"):
             sizes = [len(compress(encode([p[i:i + 1] for p in payload], encoding), "zstd")) for i in range(X.shape[0])]

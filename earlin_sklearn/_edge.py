@@ -293,6 +293,7 @@ def build_split(detector):
                                    input_order=order)
     edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra), layout=features.layout)
     edge.layer, edge.extra_layers = features.layer, list(extra)
+    edge.target_tpr = float(detector.target_tpr)
     edge = edge.eval().requires_grad_(False)
     cloud = CloudModule(suffix).eval().requires_grad_(False)
     check_tensor_payload(prefix, example)

@@ -1,108 +1,52 @@
-"""The split's artifacts: writing them (torch.export .pt2, ONNX, a JSON manifest) and loading them safely.
+"""The split's artifacts: writing them (torch.export .pt2, ONNX, ExecuTorch .pte, int8) and loading them safely.
 
 The files need neither scikit-learn nor this package to run: ``edge.pt2``
-loads with ``torch.export.load`` and ``edge.onnx`` runs in onnxruntime.
-The edge file returns the flat tuple ``(is_id, score, *payload)``, the cloud
-file takes ``*payload`` and returns the model's output.
+loads with ``torch.export.load``, ``edge.onnx`` runs in onnxruntime and
+``edge.pte`` in the ExecuTorch runtime. The edge files return the flat tuple
+``(is_id, score, *payload)``, the cloud file takes ``*payload`` and returns
+the model's output.
 
-``split.json`` lists the sha256 of every file, the cut and the payload; its
+``split.json`` lists the sha256 of every file, the cut, the payload and,
+per edge file, its runtime, precision and threshold (``edge_programs``); its
 ``version`` is the sha256 of all of that, so two splits that differ in any
 file or in the cut never share a version. :func:`load_split` refuses a
 directory whose manifest, files or (with a key) HMAC signature do not match,
 and refuses a ``.pt2`` archive holding anything that ``torch.export.load``
 would unpickle (pickled weights or constants, custom objects, sample inputs
-that need more than ``weights_only`` loading): loading a split never runs code
-from the files.
+that need more than ``weights_only`` loading). The manifest's rules live in
+``earlin_sklearn/edge/_manifest.py``, which the device side shares.
 """
 
-import hashlib
-import hmac
+import copy
 import inspect
 import io
 import json
 import re
-import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
 
 from ._cost import count_flops
+from ._device_formats import (FlatEdge, executorch_program, int8_edge, int8_onnx, int8_threshold, onnx_program,
+                              set_onnx_threshold, strip_metadata)
 from ._edge import CloudModule
+from .edge._manifest import (MANIFEST, SPLIT_FORMAT, check_seal, file_sha256, read_manifest, seal,  # noqa: F401
+                             verified_bytes)
 from .exceptions import SplitVerificationError
 
-FORMATS = ("pt2", "onnx")
+FORMATS = ("pt2", "onnx")  # the default: what the server and a PyTorch or ONNX Runtime edge read
+ALL_FORMATS = ("pt2", "onnx", "pte", "onnx-int8", "pte-int8")
 PARTS = ("edge", "cloud")
-MANIFEST = "split.json"
-SPLIT_FORMAT = "earlin-split/2"
-_MAX_MANIFEST_BYTES = 1 << 20
+# the file each edge format writes, and what its manifest entry says of it
+EDGE_FILES = {"pt2": ("edge.pt2", "torch", "float32"), "onnx": ("edge.onnx", "onnxruntime", "float32"),
+              "pte": ("edge.pte", "executorch", "float32"), "onnx-int8": ("edge.int8.onnx", "onnxruntime", "int8"),
+              "pte-int8": ("edge.int8.pte", "executorch", "int8")}
 
 
-class FlatEdge(nn.Module):
-    """:class:`EdgeModule` with a flat tuple output ``(is_id, score, *payload)``.
-
-    Exported files cannot carry the :class:`EdgeOutput` named tuple (loading
-    it would need this package), so the exported edge returns plain tensors.
-    """
-
-    def __init__(self, edge):
-        super().__init__()
-        self.edge = edge
-
-    def forward(self, x):
-        out = self.edge(x)
-        payload = out.payload if isinstance(out.payload, tuple) else (out.payload,)
-        return (out.is_id, out.score, *payload)
-
-
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _canonical(manifest):
-    """The manifest's bytes that its version and signature cover (everything but those two)."""
-    body = {k: v for k, v in manifest.items() if k not in ("version", "signature")}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _key_bytes(key):
-    if isinstance(key, str):
-        key = key.encode()
-    if not isinstance(key, bytes) or len(key) < 16:
-        raise ValueError("A signing key must be bytes or str of at least 16 bytes (e.g. secrets.token_bytes(32)).")
-    return key
-
-
-def _signature(manifest, key):
-    return hmac.new(_key_bytes(key), _canonical(manifest), hashlib.sha256).hexdigest()
-
-
-def seal(document, key=None):
-    """Add ``version`` (sha256 of the document) and, with ``key``, an HMAC-SHA256 ``signature``; return it."""
-    document["version"] = hashlib.sha256(_canonical(document)).hexdigest()
-    if key is not None:
-        document["signature"] = _signature(document, key)
-    return document
-
-
-def check_seal(document, key, path, writer):
-    """Refuse a document (read from ``path``, written by ``writer``) modified since, or not signed with ``key``."""
-    if document.get("version") != hashlib.sha256(_canonical(document)).hexdigest():
-        raise SplitVerificationError(f"{path} was modified after {writer} wrote it (its version does not match "
-                                     "its contents); refusing it.")
-    if key is not None:
-        signature = document.get("signature")
-        if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(document, key)):
-            raise SplitVerificationError(f"{path} is {'not signed' if signature is None else 'signed with another key'}: "
-                                         "refusing a file its owner did not sign.")
-
-
-def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, preprocessing=None, key=None):
+def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, preprocessing=None, key=None,
+               calibration=None, threshold_data=None):
     """Write the edge and cloud modules as deployable files.
 
     Parameters
@@ -111,18 +55,33 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     cloud : CloudModule
         From :meth:`ShallowFeatureOODDetector.export_split`.
     directory : str or Path
-        Created if missing. Receives ``edge.pt2``/``cloud.pt2`` (torch.export),
-        ``edge.onnx``/``cloud.onnx`` and ``split.json``.
+        Created if missing. Receives the files of ``formats`` and ``split.json``.
     example_input : tensor of shape (N, C, H, W)
-        A batch of valid inputs; the batch dimension stays dynamic in the files.
-    formats : sequence of {"pt2", "onnx"}, default=("pt2", "onnx")
-        ONNX needs the ``onnx`` and ``onnxscript`` packages (``pip install earlin_sklearn[export]``).
+        A batch of valid inputs; the batch dimension stays dynamic in the
+        ``.pt2`` and ONNX files (``.pte`` programs take one input at a time).
+    formats : sequence of {"pt2", "onnx", "pte", "onnx-int8", "pte-int8"}, default=("pt2", "onnx")
+        ``"pt2"``: ``edge.pt2``/``cloud.pt2`` (torch.export; the server reads
+        these). ``"onnx"``: ``edge.onnx``/``cloud.onnx`` (``pip install
+        earlin_sklearn[export]``). ``"pte"``: ``edge.pte``, an ExecuTorch
+        program lowered to XNNPACK (``pip install executorch``).
+        ``"onnx-int8"``, ``"pte-int8"``: ``edge.int8.onnx``,
+        ``edge.int8.pte``, the edge with its backbone prefix quantized to int8
+        on ``calibration`` (the detector head stays float).
     preprocessing : dict, default=None
         How raw images become the model input (e.g. ``{"mean": [...], "std":
         [...]}``), recorded in the manifest for the edge runner and server.
     key : bytes or str, default=None
         Signs the manifest with HMAC-SHA256; :func:`load_split` given the
         same key refuses a split that was not signed with it.
+    calibration : array-like of shape (n, C, H, W), default=None
+        ID inputs (normalized like ``example_input``; never OOD data) whose
+        activations set the int8 ranges. Needed by the int8 formats; a few
+        hundred images are enough.
+    threshold_data : array-like of shape (m, C, H, W), default=None
+        Held-out ID inputs that the detector was not fitted on: each int8
+        program's threshold is set to accept ``edge.target_tpr`` of them, on
+        that program's own scores. None: each int8 program accepts as many of
+        the ``calibration`` images as the float threshold does.
 
     Returns
     -------
@@ -144,14 +103,20 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     """
     if preprocessing is not None and not isinstance(preprocessing, dict):
         raise TypeError(f"preprocessing must be a dict (e.g. {{'mean': [...], 'std': [...]}}); got {type(preprocessing).__name__}.")
-    unknown = set(formats) - set(FORMATS)
+    formats = tuple(formats)
+    unknown = set(formats) - set(ALL_FORMATS)
     if unknown:
-        raise ValueError(f"formats must be among {FORMATS}; got {sorted(unknown)}.")
+        raise ValueError(f"formats must be among {ALL_FORMATS}; got {sorted(unknown)}.")
+    int8 = [f for f in formats if f.endswith("-int8")]
+    if int8 and calibration is None:
+        raise ValueError(f"formats {int8} quantize the edge prefix: pass calibration=ID inputs (a few hundred "
+                         "images like the training data; never OOD data).")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     x = torch.as_tensor(example_input)
     if x.shape[0] < 2:  # a batch of 1 would be specialized as a constant
         x = torch.cat([x, x])
+    x = x.detach().clone().contiguous()  # its own storage: torch.export.save stores a view's whole base tensor
     flat = FlatEdge(edge).eval()
     with torch.no_grad():
         outs = flat(x)
@@ -170,34 +135,61 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     cloud_shapes = tuple({0: batch} for _ in payload)
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(cloud_module.forward).parameters.values()):
         cloud_shapes = (cloud_shapes,)  # forward(*payload): torch.export sees one tuple argument
-    input_names = ["x"]
     edge_outputs = ["is_id", "score", *[f"payload_{i}" for i in range(len(payload))]]
     cloud_inputs = [f"payload_{i}" for i in range(len(payload))]
-    paths = {}
-    if "pt2" in formats:
-        for name, module, args, shapes in (
-            ("edge", flat, (x,), edge_shapes),
-            ("cloud", cloud_module, tuple(payload), cloud_shapes),
-        ):
-            program = torch.export.export(module, args, dynamic_shapes=shapes)
-            paths[f"{name}.pt2"] = directory / f"{name}.pt2"
-            torch.export.save(program, paths[f"{name}.pt2"])
-    if "onnx" in formats:
-        from ._optional import require
+    offset = float(edge.head.offset)
+    target_tpr = float(getattr(edge, "target_tpr", 0.95))
+    paths, programs = {}, {}
 
-        require("save_split(formats=('onnx', ...))", "export", "onnx", "onnxscript")
-        with warnings.catch_warnings():
-            # the exporter's notes on renamed dynamic axes are not the user's concern
-            warnings.simplefilter("ignore", UserWarning)
-            for name, module, args, shapes, ins, outs_ in (
-                ("edge", flat, (x,), edge_shapes, input_names, edge_outputs),
-                ("cloud", cloud_module, tuple(payload), cloud_shapes, cloud_inputs, cloud_outputs),
-            ):
-                paths[f"{name}.onnx"] = directory / f"{name}.onnx"
-                torch.onnx.export(
-                    module, args, str(paths[f"{name}.onnx"]), dynamo=True, dynamic_shapes=shapes,
-                    input_names=ins, output_names=outs_, verbose=False,
-                )
+    def write(name, data):
+        paths[name] = directory / name
+        paths[name].write_bytes(data)
+
+    def edge_program(fmt, data, offset, batch=None, **extra):
+        name, runtime, precision = EDGE_FILES[fmt]
+        if data is not None:
+            write(name, data)
+        programs[name] = {"runtime": runtime, "precision": precision, "offset": float(offset), "batch": batch, **extra}
+
+    if "pt2" in formats:
+        for name, module, args, shapes in (("edge", flat, (x,), edge_shapes),
+                                           ("cloud", cloud_module, tuple(payload), cloud_shapes)):
+            paths[f"{name}.pt2"] = directory / f"{name}.pt2"  # the archive's folder is named after the file
+            torch.export.save(torch.export.export(module, args, dynamic_shapes=shapes), paths[f"{name}.pt2"])
+        edge_program("pt2", None, offset)
+    onnx_edge = None
+    if "onnx" in formats or "onnx-int8" in formats:
+        onnx_edge = onnx_program(flat, (x,), ["x"], edge_outputs, edge_shapes)
+    if "onnx" in formats:
+        edge_program("onnx", strip_metadata(copy.deepcopy(onnx_edge)).SerializeToString(), offset)
+        cloud_onnx = onnx_program(cloud_module, tuple(payload), cloud_inputs, cloud_outputs, cloud_shapes)
+        write("cloud.onnx", strip_metadata(cloud_onnx).SerializeToString())
+    if "pte" in formats:
+        edge_program("pte", executorch_program(flat, x), offset, batch=1)
+    if int8:
+        from .edge._programs import EdgeProgram
+
+        calibration = torch.as_tensor(np.asarray(calibration) if not isinstance(calibration, torch.Tensor)
+                                      else calibration).to(torch.float32)
+        held_out = threshold_data is not None
+        scored = (torch.as_tensor(np.asarray(threshold_data) if not isinstance(threshold_data, torch.Tensor)
+                                  else threshold_data).to(torch.float32) if held_out else calibration).contiguous()
+        with torch.no_grad():
+            float_scores = edge(calibration).score.numpy()
+        note = {"quantization_images": int(calibration.shape[0]), "threshold_images": int(scored.shape[0])}
+        if "onnx-int8" in formats:
+            quantized = int8_onnx(onnx_edge, calibration)
+            probe = EdgeProgram("edge.int8.onnx", {"runtime": "onnxruntime"}, quantized.SerializeToString())
+            new, rule = int8_threshold(probe(scored.numpy())[1], float_scores, offset, target_tpr, held_out)
+            data = strip_metadata(set_onnx_threshold(quantized, new)).SerializeToString()
+            edge_program("onnx-int8", data, new, **note, threshold_rule=rule)
+        if "pte-int8" in formats:
+            q = int8_edge(edge, calibration, x)
+            probe = EdgeProgram("edge.int8.pte", {"runtime": "executorch", "batch": 1},
+                                executorch_program(FlatEdge(q), x))
+            new, rule = int8_threshold(probe(scored.numpy())[1], float_scores, offset, target_tpr, held_out)
+            q.head.offset.fill_(new)  # the same quantized prefix, lowered again with its own threshold
+            edge_program("pte-int8", executorch_program(FlatEdge(q), x), new, batch=1, **note, threshold_rule=rule)
     x1 = x[:1]
     edge_flops = count_flops(flat, x1)
     cloud_flops = count_flops(cloud_module, *[p[:1] for p in payload])
@@ -215,60 +207,19 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
         "pooling": edge.pooling,
         "layout": edge.layout,
         "metric": edge.head.metric,
-        "offset": float(edge.head.offset),
+        "offset": offset,
+        "target_tpr": target_tpr,
+        "edge_programs": programs,
         "cloud_detector": {"method": cloud.method, "offset": float(cloud.offset), "temperature": cloud.temperature}
         if two_stage else None,
         "payload": payload_spec,
         "flops": {"edge": edge_flops, "cloud": cloud_flops, "full": edge_flops + cloud_flops},
-        "files": {name: _file_sha256(path) for name, path in sorted(paths.items())},
+        "files": {name: file_sha256(path) for name, path in sorted(paths.items())},
     }
     seal(manifest, key)
     paths["manifest"] = directory / MANIFEST
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
-
-
-def read_manifest(directory, key=None):
-    """The verified manifest of a split directory (its version recomputed; its signature checked with ``key``).
-
-    Raises
-    ------
-    SplitVerificationError
-        If the manifest is malformed, from another format, modified after it
-        was written, or not signed with ``key``.
-    """
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass a directory written by earlin_sklearn.save_split.")
-    if path.stat().st_size > _MAX_MANIFEST_BYTES:
-        raise SplitVerificationError(f"{path} is over {_MAX_MANIFEST_BYTES} bytes: not a split manifest.")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SplitVerificationError(f"{path} is not valid JSON: {exc}.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != SPLIT_FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise SplitVerificationError(f"{path} has format {got!r}; this earlin_sklearn reads {SPLIT_FORMAT!r}. "
-                                     "Export the split again with save_split.")
-    if not isinstance(manifest.get("files"), dict):
-        raise SplitVerificationError(f"{path} lists no files: not a split manifest.")
-    check_seal(manifest, key, path, "save_split")
-    return manifest
-
-
-def verified_bytes(directory, manifest, name):
-    """The bytes of ``name`` in the split, read once and checked against its sha256 in the manifest."""
-    path = Path(directory) / name
-    expected = manifest["files"].get(name)
-    if expected is None:
-        raise SplitVerificationError(f"{name} is not listed in {MANIFEST}: save_split did not write it.")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (listed in {MANIFEST}).")
-    data = path.read_bytes()
-    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), expected):
-        raise SplitVerificationError(f"{path} does not match its sha256 in {MANIFEST} (swapped, truncated or "
-                                     "modified); refusing it.")
-    return data
 
 
 _PT2_MEMBER = re.compile(
@@ -318,6 +269,12 @@ def check_code_free_pt2(path, data=None):
                                                  "would run code; refusing it.") from None
 
 
+def load_pt2(path, data):
+    """The module of a ``.pt2`` program from its (verified) bytes, after :func:`check_code_free_pt2`."""
+    check_code_free_pt2(path, data)
+    return torch.export.load(io.BytesIO(data)).module()
+
+
 def load_split(directory, parts=PARTS, key=None):
     """``(manifest, edge, cloud)`` from a directory written by :func:`save_split`, verified.
 
@@ -363,7 +320,6 @@ def load_split(directory, parts=PARTS, key=None):
     for part in PARTS:
         if part in parts:
             name = f"{part}.pt2"
-            data = verified_bytes(directory, manifest, name)  # read once: what is checked is what is loaded
-            check_code_free_pt2(Path(directory) / name, data)
-            loaded[part] = torch.export.load(io.BytesIO(data)).module()
+            # read once: what is checked is what is loaded
+            loaded[part] = load_pt2(Path(directory) / name, verified_bytes(directory, manifest, name))
     return manifest, loaded.get("edge"), loaded.get("cloud")

@@ -8,10 +8,33 @@ from ._moments import FeatureMoments
 from ._spill import FeatureSpill
 
 
+# A feature whose ID spread is below this fraction of its size is constant as far as float32 can tell:
+# standardized, its values would be the rounding of whatever computed it (another convolution library on the
+# device, another batch size). That happens to raw pooled features of random weights, and to features whose
+# maximum-likelihood Yeo-Johnson exponent is extreme (lambda = -7e4 maps every value to 1/7e4, up to
+# underflow). Such features get the identity transform and a scale of at least this fraction of their size,
+# so that only a real change moves them. None of the three development models has one.
+FEATURE_RESOLUTION = 1e-4
+
+
 def fit_power_transform(F):
+    """Yeo-Johnson (standardized) fitted on the ID features ``F``; float32-constant features kept as they are."""
     transform = PowerTransformer(method="yeo-johnson", standardize=True)
     with np.errstate(over="ignore", invalid="ignore"):
-        return transform.fit(F)
+        transform.fit(F)
+    F = np.asarray(F, dtype=np.float64)
+    mean, std = F.mean(axis=0), F.std(axis=0)
+    floor = FEATURE_RESOLUTION * np.abs(mean)
+    scaler = transform._scaler  # (the transformed features' mean and spread)
+    flat = (std <= floor) | (scaler.scale_ <= FEATURE_RESOLUTION * np.abs(scaler.mean_))
+    constant = flat & (floor > 0)  # all zeros (a dead channel) stays scikit-learn's: 0 whatever lambda
+    if constant.any():
+        scale = np.maximum(std, floor)[constant]
+        transform.lambdas_[constant] = 1.0  # identity: yeo_johnson(x, 1) == x
+        scaler.mean_[constant] = mean[constant]
+        scaler.scale_[constant] = scale
+        scaler.var_[constant] = scale**2
+    return transform
 
 
 def power_transform(gaussianize, F):

@@ -16,8 +16,8 @@ import torch
 
 from ._constants import COMPRESSIONS, IMAGE_FORMATS
 from ._export import load_split
-from ._protocol import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compressed_limit,
-                        decode, decode_image, decompress, encoded_size)
+from .edge._wire import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compressed_limit,
+                         decode, decode_image, decompress, encoded_size)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     -----
     Endpoints: ``GET /health`` (status, model version and the payload it
     expects); ``POST /v1/activations`` (body: the cut activations, see
-    ``earlin_sklearn/_protocol.py``; runs the cloud part); ``POST /v1/raw``
+    ``earlin_sklearn/edge/_wire.py``; runs the cloud part); ``POST /v1/raw``
     (body: input tensors, or one PNG/JPEG file with ``X-Earlin-Encoding:
     png|jpeg`` when the split records its preprocessing; runs the whole
     model, edge prefix then cloud part).
@@ -193,9 +193,10 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             if compression != "none":
                 body = await run_in_threadpool(decompress, body, compression, expected)
             if is_image:
-                tensors = [decode_image(body, encoding, input_shape, manifest["preprocessing"])]
+                arrays = [decode_image(body, encoding, input_shape, manifest["preprocessing"])]
             else:
-                tensors = decode(body, shapes, batch, encoding)
+                arrays = decode(body, shapes, batch, encoding)
+            tensors = [torch.from_numpy(a) for a in arrays]
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         answer = await run_in_threadpool(compute, tensors)

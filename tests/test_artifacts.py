@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split
-from earlin_sklearn._export import _canonical
+from earlin_sklearn.edge._manifest import canonical as _canonical
 
 from .conftest import make_images, make_tiny_cnn
 

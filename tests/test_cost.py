@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 import torch
 
 from earlin_sklearn import ShallowFeatureOODDetector, collaborative_cost, split_cost
 from earlin_sklearn._cost import count_flops
-from earlin_sklearn._protocol import dequantize_uint8, quantize_uint8
+from earlin_sklearn.edge._wire import dequantize_uint8, quantize_uint8
 from earlin_sklearn.models import cifar_resnet
 
 
@@ -48,10 +49,10 @@ def test_quantized_payload_effect_is_measured(resnet_cost):
 
 def test_uint8_quantization_round_trip():
     t = torch.randn(4, 8, 5, 5) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:, None, None, None]
-    codes, scale, low = quantize_uint8(t)
-    assert codes.dtype == torch.uint8
-    err = (dequantize_uint8(codes, scale, low) - t).abs().amax(dim=(1, 2, 3))
-    assert torch.all(err <= scale / 2 + 1e-6)
+    codes, scale, low = quantize_uint8(t)  # a torch tensor in, numpy out: the wire format is numpy only
+    assert codes.dtype == np.uint8
+    err = np.abs(dequantize_uint8(codes, scale, low) - t.numpy()).max(axis=(1, 2, 3))
+    assert np.all(err <= scale / 2 + 1e-6)
 
 
 def test_cost_model_arithmetic(resnet_cost):
@@ -79,7 +80,7 @@ def test_compressed_sizes_are_measured_and_priced():
     pytest.importorskip("zstandard")
     import numpy as np
 
-    from earlin_sklearn._protocol import compress, encode, encode_image
+    from earlin_sklearn.edge._wire import compress, encode, encode_image
 
     torch.manual_seed(0)
     X = torch.rand(12, 3, 32, 32)

@@ -12,7 +12,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
-from earlin_sklearn._edge_runner import EdgeRunner, read_inputs, read_log  # noqa: E402
+from earlin_sklearn.edge import EdgeRunner, read_inputs, read_log  # noqa: E402
 from earlin_sklearn._server import create_cloud_app  # noqa: E402
 
 from .conftest import free_port, make_images, make_tiny_cnn, start_uvicorn, stop_uvicorn  # noqa: E402
@@ -77,8 +77,9 @@ def _close_clients():
         _OPEN.pop().close()
 
 
-def runner_with(deployment, plan, retries=3):
-    runner = EdgeRunner(deployment["dir"], deployment["url"], upload="activations", retries=retries, backoff=0.0)
+def runner_with(deployment, plan, retries=3, **kwargs):
+    runner = EdgeRunner(deployment["dir"], deployment["url"], upload="activations", retries=retries, backoff=0.0,
+                        **kwargs)
     faulty = Faulty(deployment["url"], plan)
     headers = runner.client.headers
     runner.client.close()
@@ -180,9 +181,11 @@ def test_bad_streams_are_errors_not_silent(deployment, tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((5, 12, 12, 3), np.uint8), y=np.arange(3))
     with pytest.raises(ValueError, match="3 labels for 5 images"):
         read_inputs(tmp_path / "d.npz")
-    np.savez(tmp_path / "e.npz", x=np.zeros((5, 12, 12, 3), np.uint8))
-    with pytest.raises(ValueError, match="std must be positive"):
-        read_inputs(tmp_path / "e.npz", mean=[0.5] * 3, std=[0.0] * 3)
+    with pytest.raises(ValueError, match="std > 0"):
+        runner_with(deployment, [], mean=[0.5] * 3, std=[0.0] * 3)
+    np.savez(tmp_path / "e.npz", images=np.zeros((5, 12, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match="no array 'x'"):
+        read_inputs(tmp_path / "e.npz")
     (tmp_path / "imgs").mkdir()
     from PIL import Image
 
@@ -190,7 +193,7 @@ def test_bad_streams_are_errors_not_silent(deployment, tmp_path):
     (tmp_path / "imgs" / "notes.txt").write_text("hi")
     with pytest.warns(UserWarning, match="notes.txt is skipped"):
         X_dir, _ = read_inputs(tmp_path / "imgs")
-    assert X_dir.shape == (1, 3, 12, 12)  # TIFF is read, not skipped
+    assert X_dir.shape == (1, 12, 12, 3) and X_dir.dtype == np.uint8  # TIFF is read, not skipped
 
 
 def test_unlabelled_streams_run_to_their_end(deployment):
@@ -202,7 +205,7 @@ def test_unlabelled_streams_run_to_their_end(deployment):
 
 
 def test_the_summary_counts_only_uploads_that_succeeded(deployment):
-    from earlin_sklearn._edge_runner import summarize
+    from earlin_sklearn.edge import summarize
 
     X, y = id_stream()
     runner, _ = runner_with(deployment, ["503"] * 4, retries=3)

@@ -1,4 +1,7 @@
-"""The edge runner: decide ID/OOD on the device, upload only ID inputs to the cloud server."""
+"""The edge runner: decide ID/OOD on the device, upload only ID inputs to the cloud server.
+
+NumPy, the edge program's runtime and httpx: no PyTorch, no scikit-learn.
+"""
 
 import itertools
 import json
@@ -10,14 +13,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ._protocol import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compress, encode,
-                        encode_image, encoded_size,
-                        preprocess, transfer_seconds)
-from ._constants import COMPRESSIONS, IMAGE_FORMATS, UPLOADS
-from ._export import load_split
-from .exceptions import EarlinWarning
+from .._constants import COMPRESSIONS, IMAGE_FORMATS, UPLOADS
+from ..exceptions import EarlinWarning
+from ._programs import load_edge_program
+from ._wire import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, as_float32, compress,
+                    encode, encode_image, encoded_size, preprocess, transfer_seconds)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -33,19 +34,26 @@ class EdgeRecord:
     index: int
     is_id: bool
     score: float
-    uploaded: str  # "activations", "raw" or "" (rejected as OOD: nothing sent)
+    uploaded: str  # "activations", "raw" or "" (rejected as OOD, or not run: nothing sent)
     bytes_sent: int
     latency_ms: float
     prediction: int  # the cloud's prediction, -1 when nothing was sent
     label: int = -1
-    status: str = "ok"  # "ok", or "failed" (the upload failed after every retry; `error` says why)
+    # "ok"; "failed" (the upload failed after every retry); "refused" (the server refused the runner itself:
+    # token, split version); "not run" (an earlier input ended the run). `error` says why.
+    status: str = "ok"
     error: str = ""
     attempts: int = 0  # HTTP requests made for this input
     cloud_is_id: object = None  # the cloud stage's verdict (TwoStageDetector splits); None without one
 
 
 class CloudRefused(RuntimeError):
-    """The server refused the runner itself (token, split version): no later upload can succeed."""
+    """The server refused the runner itself (token, split version): no later upload can succeed.
+
+    ``record`` is the :class:`EdgeRecord` of the input whose upload was refused.
+    """
+
+    record = None
 
 
 def choose_upload(manifest, encoding="float32", uplink_mbit_s=10.0, cloud_gflop_s=1000.0, act_bytes=None,
@@ -75,7 +83,7 @@ class EdgeRunner:
     Parameters
     ----------
     split_dir : str or Path
-        Directory written by :func:`save_split` (the same files as the server's).
+        Directory written by :func:`~earlin_sklearn.save_split` (the same files as the server's).
     url : str
         Base URL of the cloud server, e.g. ``"http://127.0.0.1:8000"``.
     upload : {"activations", "raw", "auto"}, default="auto"
@@ -101,6 +109,8 @@ class EdgeRunner:
         For ``upload="auto"``.
     timeout : float, default=30
         Seconds per request.
+    key : bytes or str, default=None
+        Run only a split signed with this key (see :func:`~earlin_sklearn.save_split`).
     retries : int, default=5
         Further attempts after a timeout, a dropped connection or a 408/429/5xx
         answer, with exponential backoff (``backoff * 2**attempt`` seconds, at
@@ -108,8 +118,18 @@ class EdgeRunner:
         ``status="failed"`` and the run goes on; a rerun with ``resume=True``
         retries only those.
     backoff : float, default=0.5
-    key : bytes or str, default=None
-        Run only a split signed with this key (see :func:`save_split`).
+    runtime : {"auto", "onnxruntime", "executorch", "torch"}, default="auto"
+        Which of the split's edge files runs the edge part: ``"auto"`` takes
+        ExecuTorch (``.pte``), then ONNX Runtime, then PyTorch (``.pt2``),
+        the first that the split has and this environment can run. Only
+        ``"torch"`` imports PyTorch.
+    precision : {"auto", "float32", "int8"}, default="auto"
+        ``"auto"``: the split's int8 program for that runtime when it has one.
+    threads : int, default=1
+        Intra-op threads of the edge runtime.
+    mean, std : sequence of float, default=None
+        How uint8 images become model inputs (after /255) when the split
+        records no preprocessing; a split's recorded preprocessing wins.
 
     Examples
     --------
@@ -119,8 +139,10 @@ class EdgeRunner:
     >>> X = torch.randn(40, 3, 32, 32)
     >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
     >>> folder = tempfile.mkdtemp()
-    >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
+    >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2", "onnx"))
     >>> runner = EdgeRunner(folder, "http://127.0.0.1:8000", upload="auto")  # nothing is sent yet
+    >>> runner.program.name, runner.program.runtime  # ONNX Runtime: no PyTorch needed
+    ('edge.onnx', 'onnxruntime')
     >>> runner.upload  # the cost model's choice: a ResNet-20 layer1 payload is 21x the input
     'raw'
     >>> runner.close()
@@ -132,10 +154,11 @@ class EdgeRunner:
 
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
                  uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5,
-                 jpeg_quality=90, compression="none"):
-        from ._optional import require
+                 jpeg_quality=90, compression="none", runtime="auto", precision="auto", threads=1, mean=None,
+                 std=None):
+        from .._optional import require
 
-        (httpx,) = require("EdgeRunner", "serve", "httpx")
+        (httpx,) = require("EdgeRunner", "edge", "httpx")
 
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}.")
@@ -149,13 +172,23 @@ class EdgeRunner:
             raise ValueError(f"{encoding} files are compressed already: use compression='none'.")
         if compression != "none":
             compress(b"", compression)  # a missing zstandard is named now, not at the first upload
+        if (mean is None) != (std is None):
+            raise ValueError("mean and std go together.")
         self.compression = compression
         self._choose = dict(encoding=encoding, uplink_mbit_s=uplink_mbit_s, cloud_gflop_s=cloud_gflop_s)
         self.jpeg_quality = int(jpeg_quality)
         if int(retries) < 0 or backoff < 0 or timeout <= 0:
             raise ValueError("retries and backoff must be >= 0 and timeout > 0.")
         self.retries, self.backoff = int(retries), float(backoff)
-        self.manifest, self.edge, _ = load_split(split_dir, parts=("edge",), key=key)
+        self.manifest, self.program = load_edge_program(split_dir, runtime, precision, key=key, threads=threads)
+        self.preprocessing = self.manifest.get("preprocessing") or (
+            {"mean": list(mean), "std": list(std)} if mean is not None else None)
+        if self.preprocessing is not None:
+            channels = self.manifest["input_shape"][0]
+            for name in ("mean", "std"):
+                values = self.preprocessing.get(name, [])
+                if len(values) != channels or (name == "std" and min(values) <= 0):
+                    raise ValueError(f"preprocessing {name} needs {channels} values (std > 0); got {values}.")
         if encoding in IMAGE_FORMATS and self.manifest.get("preprocessing") is None:
             raise ValueError("image uploads need a split saved with save_split(..., preprocessing={'mean': ..., "
                              "'std': ...}): the server turns the file into the model input with it.")
@@ -181,34 +214,48 @@ class EdgeRunner:
     def __exit__(self, *exc):
         self.close()
 
+    def model_input(self, x, index=0):
+        """``(model input (C, H, W) float32, camera image or None)`` for one input.
+
+        A uint8 image ``(H, W, C)`` (or ``(H, W)``) is normalized with the
+        split's preprocessing (or the runner's ``mean``/``std``); one that
+        has neither is refused, never run unnormalized. Anything else is
+        taken as a model input.
+        """
+        a = np.asarray(x) if not hasattr(x, "detach") else as_float32(x)
+        if a.dtype == np.uint8:
+            if self.preprocessing is None:
+                raise ValueError(f"input {index} is a uint8 image, and the split records no preprocessing: save it "
+                                 "with save_split(..., preprocessing={'mean': [...], 'std': [...]}) or pass mean and "
+                                 "std (earlin run-edge --mean ... --std ...). Unnormalized pixels would be judged OOD.")
+            if a.ndim == 4 and a.shape[0] == 1:
+                a = a[0]
+            return preprocess(a, self.manifest["input_shape"], self.preprocessing), a
+        if self.encoding in IMAGE_FORMATS:
+            raise ValueError(f"input {index}: encoding={self.encoding!r} uploads camera images: pass uint8 "
+                             f"(H, W, C) pixels; got {a.dtype}.")
+        a = as_float32(a)
+        if a.ndim == 4 and a.shape[0] == 1:
+            a = a[0]
+        return a, None
+
     def process(self, x, index=0, label=-1):
         """Decide on one input and upload it if it is ID (with retries).
 
-        ``x`` is a model input ``(C, H, W)``, or, with an image encoding, a
-        uint8 camera image ``(H, W, C)`` that the split's preprocessing turns
-        into one.
+        ``x`` is a model input ``(C, H, W)``, or a uint8 camera image
+        ``(H, W, C)`` that the split's preprocessing turns into one.
         """
         t0 = time.perf_counter()
-        image = None
-        if self.encoding in IMAGE_FORMATS:
-            image = np.asarray(x)
-            if image.dtype != np.uint8:
-                raise ValueError(f"input {index}: encoding={self.encoding!r} uploads camera images: pass uint8 "
-                                 f"(H, W, C) pixels; got {image.dtype}.")
-            x = preprocess(image, self.manifest["input_shape"], self.manifest["preprocessing"])
-        x = torch.as_tensor(x, dtype=torch.float32)
-        if x.dim() == 4 and x.shape[0] == 1:
-            x = x[0]
+        x, image = self.model_input(x, index)
         expected = tuple(self.manifest["input_shape"])
         if tuple(x.shape) != expected:
             raise ValueError(f"input {index} has shape {tuple(x.shape)}; the split expects {expected} (C, H, W).")
         x = x[None]
-        with torch.inference_mode():
-            is_id, score, *payload = self.edge(x)
+        is_id, score, payload = self.program(x)
         accepted = bool(is_id[0])
         record = EdgeRecord(index, accepted, float(score[0]), "", 0, 0.0, -1, int(label))
         if accepted:
-            if image is not None:
+            if self.encoding in IMAGE_FORMATS:
                 record.uploaded = self.upload
                 body = encode_image(image, self.encoding, self.jpeg_quality)
             else:
@@ -221,7 +268,12 @@ class EdgeRunner:
                 record.uploaded = self.upload
                 body = bodies.get(self.upload) or compress(
                     encode(payload if self.upload == "activations" else [x], self.encoding), self.compression)
-            self._upload(record, body)
+            try:
+                self._upload(record, body)
+            except CloudRefused as exc:
+                record.latency_ms = 1e3 * (time.perf_counter() - t0)
+                exc.record = record
+                raise
         record.latency_ms = 1e3 * (time.perf_counter() - t0)
         return record
 
@@ -243,6 +295,7 @@ class EdgeRunner:
                     return
                 detail = response.text[:200]
                 if response.status_code in FATAL_STATUS:
+                    record.status, record.error = "refused", f"HTTP {response.status_code}: {detail}"
                     raise CloudRefused(f"cloud server answered {response.status_code}: {detail}")
                 record.error = f"HTTP {response.status_code}: {detail}"
                 if response.status_code not in RETRY_STATUS:
@@ -257,9 +310,14 @@ class EdgeRunner:
     def run(self, inputs, labels=None, log=None, resume=False):
         """Process a stream of inputs, writing one JSON line per input to ``log`` as it goes.
 
+        Every input gets exactly one line, whatever ends the run: when the
+        server refuses the runner itself (:class:`~earlin_sklearn.edge.CloudRefused`: token, split
+        version), the input in flight is recorded as ``"refused"`` and every
+        later one as ``"not run"`` before the error propagates.
+
         Parameters
         ----------
-        inputs : iterable of tensors/arrays (C, H, W), or a tensor/array (N, C, H, W)
+        inputs : iterable of arrays (C, H, W) or uint8 images (H, W, C), or an array (N, ...)
             A generator is fine: inputs are read one at a time, so memory
             stays bounded whatever the stream's length.
         labels : iterable of int, default=None
@@ -285,6 +343,7 @@ class EdgeRunner:
             done = {r.index: r for r in read_log(log) if r.status == "ok"} if Path(log).exists() else {}
         missing = object()
         pairs = ((x, -1) for x in inputs) if labels is None else itertools.zip_longest(inputs, labels, fillvalue=missing)
+        pairs = enumerate(pairs)
         records = []
         out = None
         if log is not None:
@@ -294,18 +353,32 @@ class EdgeRunner:
                     f.write(json.dumps(asdict(r)) + "\n")
             os.replace(tmp, log)
             out = open(log, "a")
+
+        def keep(record):
+            records.append(record)
+            if out is not None:
+                out.write(json.dumps(asdict(record)) + "\n")
+                out.flush()
+
         try:
-            for i, (x, label) in enumerate(pairs):
+            for i, (x, label) in pairs:
                 if x is missing or label is missing:
                     raise ValueError(f"inputs and labels differ in length: one of them ended at item {i}.")
                 if i in done:
                     records.append(done[i])
                     continue
-                record = self.process(x, i, -1 if labels is None else int(label))
-                records.append(record)
-                if out is not None:
-                    out.write(json.dumps(asdict(record)) + "\n")
-                    out.flush()
+                label = -1 if labels is None else int(label)
+                try:
+                    record = self.process(x, i, label)
+                except CloudRefused as exc:
+                    keep(exc.record)
+                    for j, (_, later) in pairs:  # the rest of the stream: never run, each said so
+                        if j not in done:
+                            keep(EdgeRecord(j, False, float("nan"), "", 0, 0.0, -1,
+                                            -1 if labels is None or later is missing else int(later), "not run",
+                                            f"input {i} ended the run: {exc}"))
+                    raise
+                keep(record)
         finally:
             if out is not None:
                 out.close()
@@ -326,19 +399,17 @@ def read_log(path):
     return records
 
 
-def read_inputs(source, mean=None, std=None, keep_uint8=False):
+def read_inputs(source):
     """Inputs for the edge runner from an ``.npz`` file or a directory of images.
 
-    An npz holds ``x`` (uint8 NHWC or float NCHW) and optionally ``y``; image
-    files (PNG, JPEG, ...) are read with Pillow. uint8 pixels are scaled to
-    [0, 1], then normalized with ``mean``/``std`` (per channel) when given.
-
-    With ``keep_uint8=True`` uint8 pixels come back as they are, ``(N, H, W,
-    C)`` (for image uploads, where the split's preprocessing applies).
+    An npz holds ``x`` (uint8 images ``(N, H, W, C)``, or float model inputs
+    ``(N, C, H, W)``) and optionally ``y``; image files (PNG, JPEG, ...) are
+    read with Pillow as uint8 RGB. uint8 images stay uint8: the runner
+    normalizes them with the split's preprocessing.
 
     Returns
     -------
-    X : torch.Tensor of shape (N, C, H, W), float32 (or uint8 ndarray (N, H, W, C))
+    X : ndarray (N, H, W, C) uint8 or (N, C, H, W) float32
     y : ndarray of shape (N,) or None
     """
     source = Path(source)
@@ -355,26 +426,28 @@ def read_inputs(source, mean=None, std=None, keep_uint8=False):
             raise ValueError(f"no image files in {source}")
         x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
     else:
-        data = np.load(source)
+        if not source.exists():
+            raise FileNotFoundError(f"{source} not found: pass an .npz file with an array 'x' or a folder of images.")
+        try:
+            data = np.load(source, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{source} is not an .npz file numpy can read: {exc}") from None
+        if not hasattr(data, "files") or "x" not in data.files:
+            have = ", ".join(data.files) if hasattr(data, "files") else "a single array"
+            raise ValueError(f"{source} has no array 'x' (it holds {have}): save the inputs with np.savez(path, x=...)")
         x = data["x"]
-        y = data["y"] if "y" in data else None
+        y = data["y"] if "y" in data.files else None
     if y is not None and len(y) != len(x):
         raise ValueError(f"{source}: y has {len(y)} labels for {len(x)} images.")
-    if keep_uint8:
-        if x.dtype != np.uint8 or x.ndim != 4:
-            raise ValueError(f"{source}: image uploads need uint8 images (N, H, W, C); got {x.dtype} {x.shape}.")
-        return x, y
     if x.dtype == np.uint8:
-        X = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 if x.shape[-1] in (1, 3) else torch.from_numpy(x).float() / 255.0
-    else:
-        X = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    if mean is not None:
-        if std is None or len(mean) != X.shape[1] or len(std) != X.shape[1]:
-            raise ValueError(f"mean and std need one value per channel ({X.shape[1]}); got {mean} and {std}.")
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive; got {std}.")
-        X = (X - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return X.contiguous(), y
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise ValueError(f"{source}: uint8 images are (N, H, W, C); got shape {x.shape}.")
+        return x, y
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{source}: x is {x.dtype}: pass uint8 images (N, H, W, C) or float inputs (N, C, H, W).")
+    return np.ascontiguousarray(x, dtype=np.float32), y
 
 
 def summarize(records):
@@ -382,8 +455,10 @@ def summarize(records):
     lat = np.array([r.latency_ms for r in records]) if records else np.zeros(1)
     return {
         "inputs": len(records),
-        "failed": int(sum(r.status != "ok" for r in records)),
+        "failed": int(sum(r.status == "failed" for r in records)),
+        "not_run": int(sum(r.status in ("refused", "not run") for r in records)),
         "uploaded": int(sum(bool(r.uploaded) and r.status == "ok" for r in records)),
+        "rejected": int(sum(not r.is_id and r.status == "ok" for r in records)),
         "bytes_sent": int(sum(r.bytes_sent for r in records)),
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_p95_ms": float(np.percentile(lat, 95)),

@@ -1,7 +1,8 @@
 """The wire format between the edge runner and the cloud server: batches of tensors as raw bytes.
 
-A request body is the batch's tensors one after another, each C-contiguous
-and little-endian, encoded as:
+NumPy only: the device encodes, the server decodes, with the same code. A
+request body is the batch's tensors one after another, each C-contiguous and
+little-endian, encoded as:
 
 - ``float32`` or ``float16``: the values;
 - ``int8``: per tensor, ``N`` float32 scales, ``N`` float32 offsets, then the
@@ -17,10 +18,8 @@ silently wrong).
 import io
 
 import numpy as np
-import torch
 
-from ._constants import COMPRESSIONS, ENCODINGS, IMAGE_FORMATS
-
+from .._constants import COMPRESSIONS, ENCODINGS, IMAGE_FORMATS
 
 HEADER_BATCH = "X-Earlin-Batch"
 HEADER_ENCODING = "X-Earlin-Encoding"
@@ -28,8 +27,15 @@ HEADER_VERSION = "X-Earlin-Version"
 HEADER_COMPRESSION = "X-Earlin-Compression"
 
 
+def as_float32(t):
+    """A C-contiguous float32 ndarray of ``t`` (an ndarray, or a CPU tensor of any framework with ``numpy()``)."""
+    if hasattr(t, "detach"):  # a torch tensor: detached and on the CPU, without importing torch here
+        t = t.detach().cpu().numpy()
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
 def _zstd():
-    from ._optional import require
+    from .._optional import require
 
     return require("zstd compression", "serve", "zstandard")[0]
 
@@ -67,19 +73,20 @@ def decompress(body, compression, expected):
 
 
 def quantize_uint8(t):
-    """Per-input affine 8-bit quantization: returns ``(codes, scale, low)``."""
+    """Per-input affine 8-bit quantization of ``t`` (N, ...): returns ``(codes, scale, low)`` as ndarrays."""
+    t = as_float32(t)
     flat = t.reshape(t.shape[0], -1)
-    low, high = flat.min(dim=1).values, flat.max(dim=1).values
-    scale = ((high - low) / 255.0).clamp_min(1e-12)
-    shape = (-1,) + (1,) * (t.dim() - 1)
-    codes = ((t - low.view(shape)) / scale.view(shape)).round().clamp(0, 255).to(torch.uint8)
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    scale = np.maximum((high - low) / np.float32(255.0), np.float32(1e-12))
+    shape = (-1,) + (1,) * (t.ndim - 1)
+    codes = np.clip(np.round((t - low.reshape(shape)) / scale.reshape(shape)), 0, 255).astype(np.uint8)
     return codes, scale, low
 
 
 def dequantize_uint8(codes, scale, low):
-    """The inverse of :func:`quantize_uint8` (up to its rounding)."""
-    shape = (-1,) + (1,) * (codes.dim() - 1)
-    return codes.to(torch.float32) * scale.view(shape) + low.view(shape)
+    """The inverse of :func:`quantize_uint8` (up to its rounding), float32."""
+    shape = (-1,) + (1,) * (codes.ndim - 1)
+    return codes.astype(np.float32) * scale.reshape(shape) + low.reshape(shape)
 
 
 def transfer_seconds(n_bytes, uplink_mbit_s):
@@ -100,24 +107,24 @@ def encoded_size(shapes, batch, encoding):
 
 
 def encode(tensors, encoding):
-    """Bytes of the tensors (each of shape (N, ...)) in ``encoding``."""
+    """Bytes of the tensors (each of shape (N, ...), ndarrays or CPU tensors) in ``encoding``."""
     parts = []
     for t in tensors:
-        t = t.detach().to("cpu", torch.float32).contiguous()
+        t = as_float32(t)
         if encoding == "float32":
-            parts.append(t.numpy().astype("<f4", copy=False).tobytes())
+            parts.append(t.astype("<f4", copy=False).tobytes())
         elif encoding == "float16":
-            parts.append(t.numpy().astype("<f2").tobytes())
+            parts.append(t.astype("<f2").tobytes())
         elif encoding == "int8":
             codes, scale, low = quantize_uint8(t)
-            parts += [scale.numpy().astype("<f4").tobytes(), low.numpy().astype("<f4").tobytes(), codes.numpy().tobytes()]
+            parts += [scale.astype("<f4").tobytes(), low.astype("<f4").tobytes(), codes.tobytes()]
         else:
             raise ValueError(f"encoding must be one of {ENCODINGS}; got {encoding!r}.")
     return b"".join(parts)
 
 
 def decode(body, shapes, batch, encoding):
-    """Float32 tensors ``(batch, *shape)`` from a body; ValueError if it does not fit exactly."""
+    """Float32 ndarrays ``(batch, *shape)`` from a body; ValueError if it does not fit exactly."""
     expected = encoded_size(shapes, batch, encoding)
     if len(body) != expected:
         raise ValueError(
@@ -128,17 +135,17 @@ def decode(body, shapes, batch, encoding):
     for shape in shapes:
         n = batch * int(np.prod(shape))
         if encoding == "int8":
-            scale = torch.from_numpy(np.frombuffer(body, "<f4", batch, pos).copy())
-            low = torch.from_numpy(np.frombuffer(body, "<f4", batch, pos + 4 * batch).copy())
+            scale = np.frombuffer(body, "<f4", batch, pos).astype(np.float32)
+            low = np.frombuffer(body, "<f4", batch, pos + 4 * batch).astype(np.float32)
             pos += 8 * batch
-            codes = torch.from_numpy(np.frombuffer(body, "u1", n, pos).copy()).view(batch, *shape)
+            codes = np.frombuffer(body, "u1", n, pos).reshape(batch, *shape)
             pos += n
             t = dequantize_uint8(codes, scale, low)
         else:
             dtype, size = ("<f4", 4) if encoding == "float32" else ("<f2", 2)
-            t = torch.from_numpy(np.frombuffer(body, dtype, n, pos).astype(np.float32)).view(batch, *shape)
+            t = np.frombuffer(body, dtype, n, pos).astype(np.float32).reshape(batch, *shape)
             pos += size * n
-        if not torch.isfinite(t).all():
+        if not np.isfinite(t).all():
             raise ValueError("the payload holds NaN or infinite values.")
         out.append(t)
     return out
@@ -156,13 +163,13 @@ def preprocess(image, input_shape, preprocessing):
         raise ValueError(f"images for upload are uint8 pixels; got {a.dtype}.")
     if a.ndim == 2:
         a = a[:, :, None]
-    x = torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(torch.float32) / 255.0
+    x = a.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     if tuple(x.shape) != tuple(input_shape):
         raise ValueError(f"the image is {a.shape[1]}x{a.shape[0]} with {a.shape[2]} channel(s); the model takes "
                          f"{input_shape[2]}x{input_shape[1]} with {input_shape[0]}.")
-    mean = torch.tensor(preprocessing.get("mean", [0.0] * x.shape[0]), dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(preprocessing.get("std", [1.0] * x.shape[0]), dtype=torch.float32).view(-1, 1, 1)
-    return (x - mean) / std
+    mean = np.asarray(preprocessing.get("mean", [0.0] * x.shape[0]), dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(preprocessing.get("std", [1.0] * x.shape[0]), dtype=np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
 
 
 def encode_image(image, fmt, quality=90):
@@ -189,7 +196,7 @@ def decode_image(body, fmt, input_shape, preprocessing):
 
     try:
         img = Image.open(io.BytesIO(body))
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"the body is not a readable image file: {exc}") from None
     if img.format != ("PNG" if fmt == "png" else "JPEG"):
         raise ValueError(f"the body is a {img.format} file; the {HEADER_ENCODING} header says {fmt}.")
@@ -198,6 +205,6 @@ def decode_image(body, fmt, input_shape, preprocessing):
         raise ValueError(f"the image is {img.size[0]}x{img.size[1]}; the model takes {w}x{h}.")
     try:
         pixels = np.asarray(img.convert("RGB" if c == 3 else "L"))
-    except (OSError, ValueError) as exc:  # truncated or corrupt pixel data
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # truncated or corrupt pixel data
         raise ValueError(f"the image file is damaged: {exc}") from None
     return preprocess(pixels, input_shape, preprocessing)[None]

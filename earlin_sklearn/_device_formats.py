@@ -1,0 +1,224 @@
+"""The edge part in the formats devices run: ExecuTorch programs (float32 and int8) and int8 ONNX.
+
+- ``.pte``: ``torch.export`` then ExecuTorch's ``to_edge_transform_and_lower``
+  with the XNNPACK partitioner, for the ExecuTorch runtime on Android, iOS and
+  Linux devices. Exported at batch size 1 with a contiguous example: a
+  program keeps the memory layout (dim order) of the input it was exported
+  with, and a device decides one input at a time.
+- int8: static post-training quantization of the backbone prefix only,
+  calibrated on ID images the caller passes (never OOD data): PT2E with the
+  XNNPACK quantizer for ``.pte``, ONNX Runtime's QDQ quantization for ONNX.
+  The detector head stays float64 (pooling float32): it is what decides, and
+  it costs little. The int8 program's threshold is set again on its own
+  scores of held-out ID images (:func:`int8_threshold`), so the target TPR
+  holds for the program the device runs.
+
+Needs ``executorch`` (``.pte``) and ``onnx``/``onnxruntime`` (int8 ONNX) at
+export time; the device needs only the runtime.
+"""
+
+import copy
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._edge import EdgeModule
+from ._threshold import offset_for_tpr
+from ._optional import require
+
+
+class FlatEdge(nn.Module):
+    """:class:`EdgeModule` with a flat tuple output ``(is_id, score, *payload)``.
+
+    Exported files cannot carry the :class:`EdgeOutput` named tuple (loading
+    it would need this package), so the exported edge returns plain tensors.
+    """
+
+    def __init__(self, edge):
+        super().__init__()
+        self.edge = edge
+
+    def forward(self, x):
+        out = self.edge(x)
+        payload = out.payload if isinstance(out.payload, tuple) else (out.payload,)
+        return (out.is_id, out.score, *payload)
+
+
+class _NchwOutputs(nn.Module):
+    """A quantized prefix whose outputs each pass through a flat reshape and back.
+
+    ExecuTorch 1.5's XNNPACK delegate hands a dequantized tensor that is both
+    consumed inside the delegate (the pooling, in NHWC) and returned (the
+    payload, the taps) back in NHWC order while the program declares it
+    NCHW: loading works, the first run fails ("Attempted to resize a static
+    tensor", pytorch/executorch#9749's family). A reshape is layout-bound, so
+    the delegate converts each output to NCHW before it (one copy per output).
+    """
+
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
+
+    def forward(self, x):
+        return [t.reshape(t.shape[0], -1).reshape(t.shape) for t in self.prefix(x)]
+
+
+class _Outputs(nn.Module):
+    """A split prefix (an fx GraphModule returning a tuple) as a module for torch.export."""
+
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
+
+    def forward(self, x):
+        return tuple(self.prefix(x))
+
+
+def _example(example_input):
+    """One contiguous float32 input ``(1, C, H, W)``: the layout the programs are exported with."""
+    return torch.as_tensor(example_input)[:1].to(torch.float32).contiguous()
+
+
+def _batches(X, batch_size):
+    X = torch.as_tensor(X).to(torch.float32)
+    for i in range(0, X.shape[0], batch_size):
+        yield X[i : i + batch_size].contiguous()
+
+
+def executorch_program(module, example_input):
+    """Bytes of an ExecuTorch program of ``module`` (returning tensors), lowered to XNNPACK, for batch size 1."""
+    require("save_split(formats=('pte', ...))", "executorch", "executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    example = _example(example_input)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExecuTorch's notes on deprecated torch features
+        program = torch.export.export(module, (example,))
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        return bytes(lowered.to_executorch().buffer)
+
+
+def int8_edge(edge, calibration, example_input):
+    """:class:`EdgeModule` whose prefix is quantized to int8 with PT2E (XNNPACK quantizer), calibrated on ``calibration``.
+
+    Weights per channel and activations per tensor, symmetric int8, as
+    XNNPACK runs them; the head is a copy of ``edge.head`` (float64).
+    """
+    require("save_split(formats=('pte-int8', ...))", "executorch", "executorch", "torchao")
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = _example(example_input)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prefix = torch.export.export(_Outputs(edge.prefix).eval(), (example,)).module()
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        prepared = prepare_pt2e(prefix, quantizer)
+        with torch.no_grad():
+            for x in _batches(calibration, 1):  # the program's batch size: one input at a time
+                prepared(x)
+        quantized = convert_pt2e(prepared)
+    allow_exported_model_train_eval(quantized)
+    q = EdgeModule(_NchwOutputs(quantized), copy.deepcopy(edge.head), edge.pooling, n_extra=edge.n_extra,
+                   layout=edge.layout)
+    q.layer, q.extra_layers = getattr(edge, "layer", None), list(getattr(edge, "extra_layers", []))
+    return q
+
+
+def onnx_program(module, example_input, input_names, output_names, dynamic_shapes):
+    """Bytes of an ONNX export of ``module`` with every weight inside the file (no external data to seal)."""
+    require("save_split(formats=('onnx', ...))", "export", "onnx", "onnxscript")
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # the exporter's notes on renamed dynamic axes are not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(module, example_input, path, dynamo=True, dynamic_shapes=dynamic_shapes,
+                          input_names=input_names, output_names=output_names, verbose=False, external_data=False)
+        model = onnx.load(path)
+    return model
+
+
+def strip_metadata(model):
+    """``model`` without the exporter's per-node metadata (stack traces and source paths of the exporting machine)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    model.doc_string = ""
+    return model
+
+
+def _name_scope(node):
+    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+
+
+def int8_onnx(model, calibration, input_name="x", batch_size=32):
+    """The ONNX edge ``model`` with its backbone prefix quantized to int8 (QDQ), calibrated on ``calibration``.
+
+    Only the nodes the exporter attributes to ``edge.prefix`` are quantized
+    (weights per channel int8, activations uint8, min-max ranges); the
+    pooling and the head stay float.
+    """
+    require("save_split(formats=('onnx-int8', ...))", "export", "onnx", "onnxruntime")
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    exclude = [n.name for n in model.graph.node if ".prefix" not in _name_scope(n)]
+    if len(exclude) == len(model.graph.node):
+        raise RuntimeError("the ONNX exporter no longer records which nodes belong to the prefix; cannot tell the "
+                           "backbone from the detector head to quantize only the former.")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = (x.numpy() for x in _batches(calibration, batch_size))
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {input_name: x}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (os.path.join(tmp, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save_model(model, src)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        kept = {n.name for n in onnx.load(pre).graph.node}
+        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        nodes_to_exclude=[n for n in exclude if n in kept], calibrate_method=CalibrationMethod.MinMax)
+        return onnx.load(dst)
+
+
+def set_onnx_threshold(model, offset):
+    """``model`` (an ONNX edge) with its threshold initializer ``edge.head.offset`` set to ``offset``."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name.endswith("head.offset"):
+            init.CopyFrom(numpy_helper.from_array(np.asarray(offset, dtype=np.float64), init.name))
+            return model
+    raise RuntimeError("the ONNX edge has no initializer 'edge.head.offset' to set its threshold in.")
+
+
+def int8_threshold(scores, float_scores, float_offset, target_tpr, held_out):
+    """The threshold of an int8 program from its own scores of ID images (no OOD data).
+
+    With ``held_out`` ID images (that the detector was not fitted on): the
+    threshold that accepts ``target_tpr`` of them. Without, on the
+    calibration images themselves: the one that accepts as many of them as
+    the float detector's threshold does (the float threshold was set on
+    out-of-fold training scores, so this carries its TPR over).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if held_out:
+        return offset_for_tpr(scores, target_tpr), "target_tpr on held-out ID images"
+    rate = float(np.mean(np.asarray(float_scores) >= float_offset))
+    return offset_for_tpr(scores, rate), "the float threshold's acceptance rate on the calibration images"

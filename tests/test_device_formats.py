@@ -1,0 +1,233 @@
+"""The edge part in device formats: ExecuTorch programs and int8 ONNX, loaded and run in their runtimes,
+and the device side (earlin_sklearn.edge) in a process that never imports torch or scikit-learn."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from scipy.stats import spearmanr
+
+ort = pytest.importorskip("onnxruntime")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from earlin_sklearn import ShallowFeatureOODDetector, save_split  # noqa: E402
+from earlin_sklearn._server import create_cloud_app  # noqa: E402
+from earlin_sklearn.edge import load_edge_program, read_manifest  # noqa: E402
+from earlin_sklearn.edge._executorch import executorch_root  # noqa: E402
+from earlin_sklearn.exceptions import SplitVerificationError  # noqa: E402
+
+from .conftest import make_images, make_tiny_cnn, uvicorn_running  # noqa: E402
+
+try:
+    executorch_root()
+    HAS_EXECUTORCH = True
+except ImportError:
+    HAS_EXECUTORCH = False
+needs_executorch = pytest.mark.skipif(not HAS_EXECUTORCH, reason="executorch is not installed")
+
+# A process that may import numpy, onnxruntime, httpx, Pillow and earlin_sklearn.edge, and fails the moment
+# anything imports torch, torchvision, scikit-learn or SciPy (the device has none of them).
+NO_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = ("torch", "torchvision", "sklearn", "scipy", "torchao")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"the device side imported {name}")
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def stream(n_id=30, n_ood=20, size=12):
+    X_id, _ = make_images(n_id, seed=11, size=size)
+    X_ood = np.random.default_rng(5).uniform(-3, 3, size=(n_ood, 3, size, size)).astype(np.float32)
+    return np.concatenate([X_id, X_ood])
+
+
+@pytest.fixture(scope="module")
+def device_split(tmp_path_factory):
+    """The tiny CNN's split in every format, int8 calibrated on ID images and thresholded on held-out ones."""
+    model = make_tiny_cnn()
+    X, y = make_images(240)
+    det = ShallowFeatureOODDetector(model, "layer1", device="cpu").fit(X[:120], y[:120])
+    formats = ("pt2", "onnx", "onnx-int8") + (("pte", "pte-int8") if HAS_EXECUTORCH else ())
+    folder = tmp_path_factory.mktemp("device_split")
+    save_split(*det.export_split(), folder, torch.from_numpy(X[:2]), formats=formats,
+               calibration=X[120:180], threshold_data=X[180:])
+    return {"det": det, "dir": folder, "model": model, "formats": formats}
+
+
+def test_every_file_is_sealed_and_described(device_split):
+    manifest = read_manifest(device_split["dir"])
+    names = {"edge.pt2", "cloud.pt2", "edge.onnx", "cloud.onnx", "edge.int8.onnx"}
+    if HAS_EXECUTORCH:
+        names |= {"edge.pte", "edge.int8.pte"}
+    on_disk = {p.name for p in device_split["dir"].iterdir()} - {"split.json"}
+    assert set(manifest["files"]) == names == on_disk  # nothing unsealed: the ONNX weights are inside the files
+    programs = manifest["edge_programs"]
+    assert {programs[n]["precision"] for n in programs} == {"float32", "int8"}
+    for name, info in programs.items():
+        if info["precision"] == "int8":
+            assert info["threshold_images"] == 60 and info["quantization_images"] == 60
+            assert info["threshold_rule"].startswith("target_tpr")
+        else:
+            assert info["offset"] == manifest["offset"] == device_split["det"].offset_
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("executorch", marks=needs_executorch)])
+def test_float_programs_decide_as_the_detector(device_split, runtime):
+    det, X = device_split["det"], stream()
+    _, program = load_edge_program(device_split["dir"], runtime, "float32")
+    is_id, score, payload = program(X)
+    np.testing.assert_allclose(score, det.score_samples(X), rtol=1e-4)  # float32 convolutions of another library
+    np.testing.assert_array_equal(is_id, det.predict(X) == 1)
+    assert 0 < is_id.sum() < len(X)
+    with torch.no_grad():
+        expected = device_split["model"](torch.from_numpy(X))
+    cloud = torch.export.load(device_split["dir"] / "cloud.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(cloud(*[torch.from_numpy(p) for p in payload]), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("executorch", marks=needs_executorch)])
+def test_int8_programs_agree_with_the_float_detector_and_keep_their_tpr(device_split, runtime):
+    det, X = device_split["det"], stream(n_id=60, n_ood=40)
+    manifest, program = load_edge_program(device_split["dir"], runtime, "int8")
+    assert program.precision == "int8" and program.offset == manifest["edge_programs"][program.name]["offset"]
+    is_id, score, payload = program(X)
+    np.testing.assert_array_equal(is_id, score >= program.offset)  # the program's own threshold decides
+    assert np.mean(is_id == (det.predict(X) == 1)) >= 0.95
+    assert spearmanr(score, det.score_samples(X)).statistic > 0.9  # ranks: far-OOD scores are in the 1000s
+    X_held, _ = make_images(200, seed=3)  # new ID images: the recalibrated threshold accepts about 95%
+    assert 0.88 <= program(X_held)[0].mean() <= 1.0
+    with torch.no_grad():  # the cloud part classifies the int8 edge's payloads as it does the float ones
+        cloud = torch.export.load(device_split["dir"] / "cloud.pt2").module()
+        ref = device_split["model"](torch.from_numpy(X_held)).argmax(1)
+        got = cloud(*[torch.from_numpy(p) for p in program(X_held)[2]]).argmax(1)
+    assert (got == ref).float().mean() >= 0.9
+
+
+@needs_executorch
+def test_programs_read_inputs_in_any_memory_layout(device_split):
+    """A program keeps the dim order of its export example: inputs of any layout are made contiguous first."""
+    X = stream()
+    _, program = load_edge_program(device_split["dir"], "executorch", "float32")
+    channels_last = torch.from_numpy(X).contiguous(memory_format=torch.channels_last).numpy()
+    assert not channels_last.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(program(channels_last)[1], program(X)[1])
+
+
+def test_an_edited_program_is_refused(device_split, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(device_split["dir"], folder)
+    data = bytearray((folder / "edge.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "edge.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(SplitVerificationError, match="does not match its sha256"):
+        load_edge_program(folder, "onnxruntime", "int8")
+    load_edge_program(folder, "onnxruntime", "float32")  # the untouched files still load
+
+
+def test_auto_choice_and_clear_errors(device_split):
+    manifest = read_manifest(device_split["dir"])
+    _, program = load_edge_program(device_split["dir"])
+    assert program.precision == "int8" and program.runtime == ("executorch" if HAS_EXECUTORCH else "onnxruntime")
+    with pytest.raises(ValueError, match="runtime must be"):
+        load_edge_program(device_split["dir"], runtime="tflite")
+    manifest["edge_programs"] = {k: v for k, v in manifest["edge_programs"].items() if v["precision"] == "float32"}
+    from earlin_sklearn.edge import choose_program
+
+    with pytest.raises(ValueError, match="no edge program for runtime='onnxruntime', precision='int8'"):
+        choose_program(manifest, "onnxruntime", "int8")
+
+
+def test_int8_formats_need_id_calibration_images(tmp_path):
+    X, y = make_images(60)
+    det = ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="calibration=ID inputs"):
+        save_split(*det.export_split(), tmp_path, torch.from_numpy(X[:2]), formats=("onnx-int8",))
+
+
+# torchvision prefixes with random weights: a .pte (float) and an int8 ONNX edge load, run and decide as the
+# exported edge module does (64x64 inputs keep the lowering fast)
+TORCHVISION = [("resnet18", "layer1"), ("mobilenet_v3_small", "features.2"), ("shufflenet_v2_x0_5", "stage2")]
+
+
+@pytest.mark.parametrize("name, layer", TORCHVISION)
+def test_torchvision_prefixes_in_device_formats(name, layer, tmp_path):
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)(weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(48, 3, 64, 64, generator=g)
+    det = ShallowFeatureOODDetector(net, layer, device="cpu").fit(X[:32], np.arange(32) % 2)
+    edge, cloud = det.export_split()
+    formats = ("onnx", "onnx-int8") + (("pte",) if HAS_EXECUTORCH else ())
+    save_split(edge, cloud, tmp_path, X[:2], formats=formats, calibration=X[32:])
+    probe = torch.cat([X[:8], 3 * torch.rand(8, 3, 64, 64, generator=g)])
+    with torch.no_grad():
+        out = edge(probe)
+    for runtime, precision in [("onnxruntime", "float32"), ("onnxruntime", "int8")] + (
+            [("executorch", "float32")] if HAS_EXECUTORCH else []):
+        _, program = load_edge_program(tmp_path, runtime, precision)
+        is_id, score, payload = program(probe.numpy())
+        assert np.isfinite(score).all() and payload[0].shape == tuple(out.payload.shape)
+        if precision == "float32":
+            np.testing.assert_allclose(payload[0], out.payload.numpy(), rtol=1e-3, atol=1e-3)
+        # Random weights give pooled features that are constant to ~1e-7 of their value; standardized, they
+        # turn another library's float32 rounding into score changes (conftest.RANDOM_MODEL_RTOL), so scores
+        # are compared where it matters: the ID-like inputs stay apart from the others, decisions agree.
+        assert score[:8].min() > score[8:].max() and np.mean(is_id == out.is_id.numpy()) >= 0.875
+
+
+@pytest.fixture(scope="module")
+def served(device_split):
+    with uvicorn_running(create_cloud_app(device_split["dir"]), log_level="warning") as url:
+        yield url
+
+
+RUN_EDGE = NO_TORCH + textwrap.dedent("""
+    import json
+    from earlin_sklearn.__main__ import main
+    code = main(["run-edge", sys.argv[1], "--url", sys.argv[2], "--input", sys.argv[3], "--log", sys.argv[4],
+                 "--runtime", sys.argv[5], "--precision", sys.argv[6], "--upload", "activations"])
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sklearn", "scipy"))
+    print(json.dumps({"code": code, "heavy": heavy}))
+""")
+
+
+@pytest.mark.parametrize("runtime, precision", [
+    ("onnxruntime", "float32"), ("onnxruntime", "int8"),
+    pytest.param("executorch", "float32", marks=needs_executorch),
+    pytest.param("executorch", "int8", marks=needs_executorch)])
+def test_run_edge_without_torch_or_sklearn(device_split, served, runtime, precision, tmp_path):
+    """`earlin run-edge` in a process where importing torch or scikit-learn fails: the float programs decide as
+    the torch path does, and every accepted input gets the cloud's answer."""
+    X = stream()
+    np.savez(tmp_path / "stream.npz", x=X)
+    env = {**os.environ, "EARLIN_CACHE_DIR": os.environ.get("EARLIN_CACHE_DIR", str(tmp_path / "cache"))}
+    done = subprocess.run([sys.executable, "-c", RUN_EDGE, str(device_split["dir"]), served, str(tmp_path / "stream.npz"),
+                           str(tmp_path / "log.jsonl"), runtime, precision], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(records) == len(X) and all(r["status"] == "ok" for r in records)
+    is_id = np.array([r["is_id"] for r in records])
+    _, program = load_edge_program(device_split["dir"], runtime, precision)
+    np.testing.assert_array_equal(is_id, program(X)[0])
+    if precision == "float32":
+        np.testing.assert_array_equal(is_id, device_split["det"].predict(X) == 1)
+    with torch.no_grad():
+        full = device_split["model"](torch.from_numpy(X)).argmax(1).numpy()
+    uploaded = [r for r in records if r["is_id"]]
+    assert uploaded and np.mean([r["prediction"] == full[r["index"]] for r in uploaded]) >= 0.9
