@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (FAR_OOD, MODELS, TITLES, calibration_split, camera_sets, first_stage, load_model,  # noqa: E402
+from common import (parse_args, FAR_OOD, MODELS, TITLES, calibration_split, camera_sets, first_stage, load_model,  # noqa: E402
                     load_sets, machine, preprocessing, write_results)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, save_split  # noqa: E402
@@ -218,7 +218,7 @@ def main(argv=None):
     p.add_argument("--model", choices=list(MODELS), default="resnet20")
     p.add_argument("--out", default=None, help="default: results/collab (ResNet-20), results/collab_<model>")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from results.json")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "collab", n=12, fractions=[0.5])
     if args.summary:
         return summary(Path(__file__).parent / "results")
     if args.data_dir is None:

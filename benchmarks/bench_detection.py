@@ -22,7 +22,7 @@ import torch
 from sklearn.pipeline import make_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (FAR_OOD, MODELS, NEAR_OOD, TITLES, first_stage, input_std, load_model, load_sets,  # noqa: E402
+from common import (parse_args, FAR_OOD, MODELS, NEAR_OOD, TITLES, first_stage, input_std, load_model, load_sets,  # noqa: E402
                     machine, write_json)
 
 from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector  # noqa: E402
@@ -196,7 +196,7 @@ def main(argv=None):
     p.add_argument("--max-train", type=int, default=None, help="use only the first N ID training images (smoke tests)")
     p.add_argument("--no-peer", action="store_true", help="skip pytorch-ood")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "detection"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "detection", models=["resnet20"], max_ood=16, odin_fit=40, no_peer=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

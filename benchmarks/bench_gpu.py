@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, split_model
-from earlin_sklearn.models import cifar_resnet
+sys.path.insert(0, str(Path(__file__).parent))
+from common import parse_args  # noqa: E402
+
+from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, split_model  # noqa: E402
+from earlin_sklearn.models import cifar_resnet  # noqa: E402
 
 
 def _sync(device):
@@ -105,7 +108,7 @@ def main(argv=None):
     p.add_argument("--precisions", nargs="+", default=["bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "gpu", device="cpu", images=64, batch_size=32, precisions=["bfloat16"], repeats=1)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     import torchvision

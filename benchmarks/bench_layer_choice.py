@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, MODELS, TITLES, load_model, load_sets, machine, write_results  # noqa: E402
+from common import parse_args, FAR_OOD, MODELS, TITLES, load_model, load_sets, machine, write_results  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, recommend_layer  # noqa: E402
 from earlin_sklearn._layer_choice import pick  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv=None):
     p.add_argument("--max-ood", type=int, default=1000)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.25, 0.5])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer_choice"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "layer_choice", models=["resnet20"], max_ood=16, budgets=[0.5])
     results = {name: run_model(name, args.data_dir, args.budgets, args.max_ood) for name in args.models}
     table = markdown(results, args.budgets)
     write_results(args.out, table, {"machine": machine(), "budgets": args.budgets, "results": results})

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODELS, TITLES, camera_sets, first_stage, load_model, load_sets, machine, write_results  # noqa: E402
+from common import parse_args, MODELS, TITLES, camera_sets, first_stage, load_model, load_sets, machine, write_results  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, collaborative_cost, split_cost  # noqa: E402
 
@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "payload"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "payload", models=["resnet20"], n=16)
     _, (P_test, y_test), _ = camera_sets(args.data_dir, max_ood=10, n_noise=10)
     rows = []
     for name in args.models:

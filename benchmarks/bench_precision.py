@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, MODELS, TITLES, first_stage, load_model, load_sets, machine, write_results  # noqa: E402
+from common import parse_args, FAR_OOD, MODELS, TITLES, first_stage, load_model, load_sets, machine, write_results  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector  # noqa: E402
 from earlin_sklearn.metrics import auroc  # noqa: E402
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-ood", type=int, default=500)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "precision", models=["resnet20"], max_ood=16)
     rows = []
     for name in args.models:
         (Xtr, ytr), (Xte, _), ood = load_sets(args.data_dir, max_ood=args.max_ood, n_noise=args.max_ood, model=name)

@@ -41,6 +41,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import parse_args  # noqa: E402
+
 
 class SyntheticImages(Dataset):
     """Image ``i``: uniform noise from a generator seeded with ``i``, label ``i % 10``."""
@@ -171,7 +174,7 @@ def main(argv=None):
     p.add_argument("--render", action="store_true", help="rewrite results.md from results.json")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale"))
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "scale", sizes=[200], big=0, modes=["held", "1 process"])
     if args.child:
         return child(args.child[0], int(args.child[1]), args.child[2])
     if args.memory:

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_collab import free_port, start_server  # noqa: E402
-from common import machine  # noqa: E402
+from common import parse_args, machine  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # noqa: E402
 from earlin_sklearn.edge._wire import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, decode, encode  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=2000, help="load requests in all")
     p.add_argument("--fuzz", type=int, default=2000)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "server"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "server", clients=2, requests=24, fuzz=24)
     import httpx
 
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_model, load_sets, machine, write_json  # noqa: E402
+from common import parse_args, load_model, load_sets, machine, write_json  # noqa: E402
 
 from earlin_sklearn import (  # noqa: E402
     BackboneFeatures,
@@ -188,10 +188,10 @@ print(json.dumps({{"rss_before_fit_mib": base / 2**20, "rss_peak_during_fit_mib"
 """
 
 
-def memory(data_dir):
+def memory(data_dir, sizes=None):
     """Peak resident memory of a fit above the loaded data and model, sampled every 2 ms in a fresh process."""
     rows = []
-    for n, bs in ((1000, 64), (5000, 64), (1000, 256), (5000, 256)):
+    for n, bs in sizes or ((1000, 64), (5000, 64), (1000, 256), (5000, 256)):
         code = MEMORY_CHILD.format(bench=str(Path(__file__).parent), data=str(data_dir), bs=bs, n=n)
         # Large blocks from mmap go back to the OS when freed, so RSS follows live memory; with glibc's
         # default heap reuse, RSS also keeps freed (fragmented) batch buffers and varies from run to run.
@@ -214,7 +214,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--n-images", type=int, default=2048, help="images for the throughput measurements")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "speed", n_images=64, batch_size=32)
     torch.manual_seed(0)
     bs = args.batch_size
     (Xtr, ytr), (Xte, _), ood = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
@@ -224,13 +224,14 @@ def main(argv=None):
     results = {"machine": machine(), "args": vars(args)}
     results["extraction"] = [extraction(model, Xtr[: args.n_images], "layer1", bs, "CIFAR ResNet-20 (32x32)")]
     r18 = torchvision.models.resnet18().eval()
-    results["extraction"].append(extraction(r18, torch.randn(64, 3, 224, 224), "layer1", 32, "torchvision resnet18 (224x224)"))
+    big = 4 if args.smoke else 64
+    results["extraction"].append(extraction(r18, torch.randn(big, 3, 224, 224), "layer1", 32, "torchvision resnet18 (224x224)"))
     det = ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu").fit(Xtr, ytr)
     results["head_share"] = head_share(det, Xte)
     results["tuning"] = tuning(model, Xtr, ytr.numpy(), ood["Tiny-ImageNet"], bs)
     X_eval = torch.cat([Xte, ood["Tiny-ImageNet"]])
     results["vs_pytorch_ood"] = versus_pytorch_ood(model, Xtr, ytr, X_eval, bs)
-    results["memory"] = memory(args.data_dir)
+    results["memory"] = memory(args.data_dir, sizes=((40, 16),) if args.smoke else None)
     out = Path(args.out)
     write_json(out / "results.json", results)
     print(f"wrote {out}/results.json")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (FAR_OOD, MODELS, NEAR_OOD, TITLES, calibration_split, first_stage, load_model,  # noqa: E402
+from common import (parse_args, FAR_OOD, MODELS, NEAR_OOD, TITLES, calibration_split, first_stage, load_model,  # noqa: E402
                     load_sets, machine, write_results)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector  # noqa: E402
@@ -46,7 +46,7 @@ def main(argv=None):
     p.add_argument("--max-ood", type=int, default=1000)
     p.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "two_stage"))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "two_stage", models=["resnet20"], max_ood=16, shares=[0.5])
     id_set = "CIFAR-10 test (ID)"
     sets = [id_set, *NEAR_OOD, *FAR_OOD]
     lines = [f"Command: `python benchmarks/bench_two_stage.py --data-dir <data>`; machine: {machine()['cpu']}", "",

@@ -189,3 +189,71 @@ def write_results(out, markdown, payload, show=True):
 
 def fingerprint(t):
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:12]
+
+
+# --- smoke runs: every script runs on tiny synthetic stand-ins of the shared data, in seconds (tests/test_benchmarks.py)
+
+SMOKE_SIZES = {"cifar10_train_lossless5085.npz": 160, "cifar10_test_lossless1017.npz": 60,
+               "tinyimagenet_resize.npz": 40, "svhn_train_partial288.npz": 24, "cifar100_test_partial148.npz": 24,
+               "cifar100_test_partial916.npz": 30, "mnist_test.npz": 30, "dtd_textures_partial1200.npz": 24}
+
+
+@functools.lru_cache(maxsize=1)
+def smoke_data_dir():
+    """A folder laid out like ``../shared/data``: the same file names and array layouts, holding a few
+    synthetic images each and random (seeded) checkpoints of the three development models, with their
+    SHA256SUMS. For ``--smoke`` runs only: its figures mean nothing."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="earlin_smoke_data_"))
+    (root / "weights").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    for name, n in SMOKE_SIZES.items():
+        y = np.arange(n) % (100 if "cifar100" in name else 10)
+        if name.startswith("mnist"):
+            x = (rng.uniform(0, 1, (n, 28, 28, 1)) > 0.8).astype(np.uint8) * 255
+        else:
+            base = np.sin((y[:, None, None] % 10 + 1) * 3 * xx + y[:, None, None]) * np.cos(2 * yy)
+            x = np.clip(127 + 80 * base[..., None] + rng.normal(0, 25, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        arrays = {"x": x, "y": y.astype(np.int64), "idx": np.arange(n)}
+        if "cifar100" in name:
+            arrays["y_coarse"] = (y // 5).astype(np.int64)
+        np.savez(root / name, **arrays)
+    torch.manual_seed(0)
+    for depth, name in ((20, "resnet20-12fca82f.th"), (56, "resnet56-4bfd9763.th")):
+        state = {f"module.{k}": v for k, v in cifar_resnet(depth).state_dict().items()}
+        torch.save({"state_dict": state}, root / "weights" / name)
+    torch.save(cifar_shufflenet_v2().state_dict(), root / "weights" / "shufflenetv2_x0_5-1308b4e9.pt")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    (root / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root)}\n"
+                                             for p in files))
+    return str(root)
+
+
+def smoke_out(name):
+    """A fresh folder for a smoke run's results: never the committed ``benchmarks/results``."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=f"earlin_smoke_{name}_")
+
+
+def parse_args(parser, argv, name, **smoke):
+    """``parser.parse_args(argv)`` with ``--smoke``: the shared data replaced by :func:`smoke_data_dir`, the
+    results written to a temporary folder, and the script's sizes set to ``smoke`` (seconds, not minutes)."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds on tiny synthetic data, results to a temporary folder (the test suite runs this)")
+    for action in parser._actions:
+        if action.dest == "data_dir":
+            action.required = False
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if hasattr(args, "data_dir"):
+            args.data_dir = smoke_data_dir()
+        if hasattr(args, "out"):
+            args.out = smoke_out(name)
+        for key, value in smoke.items():
+            setattr(args, key, value)
+    elif getattr(args, "data_dir", "") is None:
+        parser.error("--data-dir is required: the folder of the shared benchmark data (../shared/data)")
+    return args

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODELS, load_model, load_sets  # noqa: E402
+from common import parse_args, MODELS, load_model, load_sets  # noqa: E402
 
 from earlin_sklearn import make_pseudo_ood  # noqa: E402
 
@@ -89,7 +89,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--max-ood", type=int, default=1000)
     p.add_argument("--out", default="/tmp/earlin_explore")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "explore_cache", models=["resnet20"], max_ood=16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)

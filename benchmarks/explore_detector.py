@@ -43,7 +43,7 @@ from joblib import Parallel, delayed
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FAR_OOD, TITLES, machine  # noqa: E402
+from common import FAR_OOD, TITLES, machine, parse_args, smoke_data_dir, smoke_out  # noqa: E402
 
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import PowerTransformer  # noqa: E402
@@ -272,7 +272,13 @@ def main(argv=None):
     p.add_argument("--filter", default=None, help="only candidates whose label contains this")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explore"))
     p.add_argument("--n-jobs", type=int, default=1, help="candidates evaluated in parallel (joblib)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "explore", models=["resnet20"])
+    if args.smoke:  # a cache of the synthetic data, and a few candidates
+        import explore_cache
+
+        args.cache = smoke_out("explore_cache")
+        explore_cache.main(["--data-dir", smoke_data_dir(), "--models", "resnet20", "--max-ood", "16", "--out", args.cache])
+        args.filter = args.filter or "mean+std, yeo-johnson, +1 taps, all"
     rows = []
     cfgs = [cfg for cfg in candidates() if not args.filter or args.filter in label(cfg)]
     paths = {m: str(Path(args.cache) / f"{m}.npz") for m in args.models}

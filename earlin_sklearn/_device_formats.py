@@ -126,7 +126,9 @@ def int8_edge(edge, calibration, example_input):
                 prepared(x)
         quantized = convert_pt2e(prepared)
     allow_exported_model_train_eval(quantized)
-    q = EdgeModule(_NchwOutputs(quantized), copy.deepcopy(edge.head), edge.pooling, n_extra=edge.n_extra,
+    # the head whitens in float64 here: ExecuTorch 1.5's XNNPACK layout pass fails on a partition that mixes the
+    # quantized prefix with float32 matrix products (a node without shape metadata); float64 stays outside it
+    q = EdgeModule(_NchwOutputs(quantized), copy.deepcopy(edge.head).double(), edge.pooling, n_extra=edge.n_extra,
                    layout=edge.layout)
     q.layer, q.extra_layers = getattr(edge, "layer", None), list(getattr(edge, "extra_layers", []))
     return q

@@ -92,7 +92,7 @@ class DetectorHead(nn.Module):
         self.metric = metric
         self.gaussianize = gaussianize is not None
         channels = np.asarray(channels)
-        centroids = np.asarray(centroids, dtype=np.float64)
+        centroids = centroids_in = np.asarray(centroids, dtype=np.float64)
         w = np.eye(centroids.shape[1]) if whitening is None else np.asarray(whitening, dtype=np.float64)
         if metric == "cosine":
             centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
@@ -123,8 +123,15 @@ class DetectorHead(nn.Module):
             self.register_buffer("signed_exponent", torch.as_tensor(np.stack([lam, lam - 2.0])))
             self.register_buffer("mean", torch.as_tensor(mean))
             self.register_buffer("scale", torch.as_tensor(scale))
-        self.register_buffer("projection", torch.as_tensor(projection[order]))
-        self.register_buffer("centroids", torch.as_tensor(centroids))
+        reference = np.zeros(n_pooled)
+        if not self.gaussianize and metric != "cosine":
+            # raw features: measured from the centroids' mean, so that float32 distances subtract no large numbers
+            reference[channels] = centroids_in.mean(axis=0)
+        # float32 from here: the features are standardized (or centred), so the whitening and the distances keep
+        # about 3e-7 relative; XNNPACK and MLAS run float32 matrix products, not float64 ones
+        self.register_buffer("reference", torch.as_tensor(reference[order], dtype=torch.float32))
+        self.register_buffer("projection", torch.as_tensor(projection[order], dtype=torch.float32))
+        self.register_buffer("centroids", torch.as_tensor(centroids - reference @ projection, dtype=torch.float32))
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
 
     @classmethod
@@ -142,14 +149,15 @@ class DetectorHead(nn.Module):
             # 1 + relu(+-b) for both sides of zero, in float64 (a float32 input is promoted here)
             sides = torch.addcmul(self.one, pooled[:, None, :], self.side).clamp_min(1.0)
             u = (((sides.pow(self.exponent) - 1.0) / self.signed_exponent).sum(dim=1) - self.mean) / self.scale
+            u = u.to(self.projection.dtype)
         else:
-            u = pooled.to(torch.float64)
+            u = pooled.to(self.projection.dtype) - self.reference
         z = u @ self.projection  # selected and whitened
         if self.metric == "cosine":
             z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
         diff = z[:, None, :] - self.centroids
         d2 = (diff * diff).sum(dim=2).amin(dim=1)  # all classes at once
-        score = -0.5 * d2 if self.metric == "cosine" else -d2.sqrt()  # 1 - cos for unit vectors
+        score = (-0.5 * d2 if self.metric == "cosine" else -d2.sqrt()).to(torch.float64)  # 1 - cos for unit vectors
         # an input whose features overflow scores as far from ID as possible (never NaN, never accepted)
         return torch.where(torch.isnan(score), -math.inf, score)
 
@@ -291,6 +299,8 @@ def build_split(detector):
     head = DetectorHead.from_steps(detector.pipeline_["select"], detector.pipeline_["distance"],
                                    gaussianize=None if gaussianize == "passthrough" else gaussianize,
                                    input_order=order)
+    if example.dtype == torch.float64:  # a float64 backbone keeps its precision to the end
+        head = head.double()
     edge = EdgeModule(prefix, head, features.pooling, n_extra=len(extra), layout=features.layout)
     edge.layer, edge.extra_layers = features.layer, list(extra)
     edge.target_tpr = float(detector.target_tpr)

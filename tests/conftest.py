@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-# How close the exported edge's scores are to score_samples: both pool with one function and the head
-# computes in float64, so only the order of float64 operations differs.
-EDGE_RTOL = 1e-9
+# How close the exported edge's scores are to score_samples: both pool with one function; the head's power
+# transform runs in float64 and its whitening in float32 (float64 for a float64 backbone), which keeps about
+# 3e-7 relative on the development models.
+EDGE_RTOL = 1e-6
 # Random-weight models fitted on a few dozen images have pooled features that are constant to 1e-14 of
 # their value; standardizing them divides a last-bit difference of ``pow`` (torch's and NumPy's differ in
 # about 6% of values) by that spread. Trained models have no such feature (1e-14 relative on the three

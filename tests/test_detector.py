@@ -160,4 +160,6 @@ def test_scores_do_not_depend_on_the_batch_size():
         # float32: oneDNN picks its convolution kernel by batch shape; differences stay ~1e-5 of a score
         # spread of ~0.5 (docs/user_guide.rst, "Batch size and precision")
         np.testing.assert_allclose(s1, s64, rtol=0, atol=tol)
-        np.testing.assert_allclose(e1, s64, rtol=0, atol=tol)
+        # the edge's Yeo-Johnson is torch's pow, not NumPy's (last-bit differences, scaled by the random weights'
+        # narrow features): 1e-6 of a score (2e-8 relative) where the batch size alone moves nothing
+        np.testing.assert_allclose(e1, s64, rtol=0, atol=max(tol, 1e-6))
