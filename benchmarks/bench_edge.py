@@ -45,24 +45,13 @@ from earlin_sklearn.metrics import auroc, tnr_at_tpr  # noqa: E402
 FORMATS = ("pt2", "onnx", "pte", "onnx-int8", "pte-int8")
 PROGRAMS = [("torch", "float32"), ("onnxruntime", "float32"), ("onnxruntime", "int8"), ("executorch", "float32"),
             ("executorch", "int8")]
-
-
-class _Scoped(torch.nn.Module):
-    """The prefix alone, under the attribute path ``edge.prefix`` the int8 ONNX quantizer recognizes."""
-
-    def __init__(self, prefix):
-        super().__init__()
-        self.edge = torch.nn.Module()
-        self.edge.prefix = prefix
-
-    def forward(self, x):
-        return tuple(self.edge.prefix(x))
+KEYS = [f"{runtime}/{precision}" for runtime, precision in PROGRAMS]
 
 
 def bare_prefixes(edge, calibration, example):
     """The backbone prefix alone in each device runtime and precision: what the edge costs without its detector."""
     x = example[:1].contiguous()
-    onnx_model = onnx_program(_Scoped(edge.prefix), (example,), ["x"], None, ({0: torch.export.Dim("batch", min=1)},))
+    onnx_model = onnx_program(_Outputs(edge.prefix), (example,), ["x"], None, ({0: torch.export.Dim("batch", min=1)},))
     programs = {
         "onnxruntime/float32": ("onnxruntime", strip_metadata(copy.deepcopy(onnx_model)).SerializeToString()),
         "onnxruntime/int8": ("onnxruntime", strip_metadata(int8_onnx(onnx_model, calibration)).SerializeToString()),
@@ -164,11 +153,9 @@ def main(argv=None):
             }
             model_rows[key] = row
             rows.append((name, key, row))
-        for precision in ("float32", "int8"):
-            for runtime in ("onnxruntime", "executorch"):
-                if precision == "int8":
-                    model_rows[f"{runtime}/int8"]["bytes_vs_float"] = (
-                        model_rows[f"{runtime}/int8"]["bytes"] / model_rows[f"{runtime}/float32"]["bytes"])
+        for runtime in ("onnxruntime", "executorch"):
+            model_rows[f"{runtime}/int8"]["bytes_vs_float"] = (
+                model_rows[f"{runtime}/int8"]["bytes"] / model_rows[f"{runtime}/float32"]["bytes"])
         calibrated = copy.deepcopy(det).calibrate_threshold(Xte[cal_idx].numpy())
         results["models"][name] = {"export_s": export_s, "sizes": size, "programs": model_rows,
                                    "prefix_bytes": {k: len(p.data) for k, p in prefixes.items()},
@@ -193,12 +180,12 @@ def main(argv=None):
                      f"{100 * r['agreement']:.2f} | {100 * r['tpr']:.1f} | {100 * r['far_auroc']:.2f} | "
                      f"{100 * r['far_tnr95']:.1f} | {100 * r['cloud_top1']:.1f} |")
     lines += ["", "Bare prefix p50 (ms) in each runtime and precision, and int8 prefix over float prefix:", "",
-              "| model | " + " | ".join(f"{k}" for k in PROGRAMS_KEYS()) + " |",
-              "|---|" + "---|" * len(PROGRAMS_KEYS())]
+              "| model | " + " | ".join(f"{k}" for k in KEYS) + " |",
+              "|---|" + "---|" * len(KEYS)]
     for name in args.models:
         progs = results["models"][name]["programs"]
         lines.append(f"| {TITLES[name]} | " + " | ".join(
-            f"{progs[k]['prefix_p50_ms']:.3f} ({progs[k]['prefix_vs_float_prefix']:.2f}x)" for k in PROGRAMS_KEYS()) + " |")
+            f"{progs[k]['prefix_p50_ms']:.3f} ({progs[k]['prefix_vs_float_prefix']:.2f}x)" for k in KEYS) + " |")
     lines += ["", "Bare prefix bytes: " + "; ".join(
         f"{TITLES[n]} " + ", ".join(f"{k} {v:,}" for k, v in results["models"][n]["prefix_bytes"].items())
         for n in args.models) + ".",
@@ -212,10 +199,6 @@ def main(argv=None):
         plot(results, args.plot)
 
 
-def PROGRAMS_KEYS():
-    return [f"{rt}/{pr}" for rt, pr in PROGRAMS]
-
-
 def plot(results, path):
     """Batch-1 p50 latency of each program as a ratio to the float prefix in its runtime, per model."""
     import matplotlib
@@ -224,7 +207,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     models = list(results["models"])
-    keys = PROGRAMS_KEYS()
+    keys = KEYS
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):

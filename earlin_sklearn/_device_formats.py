@@ -10,13 +10,14 @@
   XNNPACK quantizer for ``.pte``, ONNX Runtime's QDQ quantization for ONNX.
   The detector head stays float64 (pooling float32): it is what decides, and
   it costs little. The int8 program's threshold is set again on its own
-  scores of held-out ID images (:func:`int8_threshold`), so the target TPR
+  scores of held-out ID images (:func:`int8_acceptance`), so the target TPR
   holds for the program the device runs.
 
 Needs ``executorch`` (``.pte``) and ``onnx``/``onnxruntime`` (int8 ONNX) at
 export time; the device needs only the runtime.
 """
 
+import ast
 import copy
 import os
 import tempfile
@@ -27,7 +28,6 @@ import torch
 from torch import nn
 
 from ._edge import EdgeModule
-from ._threshold import offset_for_tpr
 from ._optional import require
 
 
@@ -135,7 +135,7 @@ def int8_edge(edge, calibration, example_input):
 
 
 def onnx_program(module, example_input, input_names, output_names, dynamic_shapes):
-    """Bytes of an ONNX export of ``module`` with every weight inside the file (no external data to seal)."""
+    """The ONNX model (``onnx.ModelProto``) of ``module``, every weight inside it (no external data to seal)."""
     require("save_split(formats=('onnx', ...))", "export", "onnx", "onnxscript")
     import onnx
 
@@ -158,14 +158,16 @@ def strip_metadata(model):
     return model
 
 
-def _name_scope(node):
-    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+def _in_prefix(node):
+    """Whether the exporter attributes ``node`` to a module named ``prefix`` (``edge.prefix``, ``prefix``, ...)."""
+    value = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+    return any(".prefix." in f".{scope}." for scope in ast.literal_eval(value))
 
 
 def int8_onnx(model, calibration, input_name="x", batch_size=32):
     """The ONNX edge ``model`` with its backbone prefix quantized to int8 (QDQ), calibrated on ``calibration``.
 
-    Only the nodes the exporter attributes to ``edge.prefix`` are quantized
+    Only the nodes the exporter attributes to a ``prefix`` module (``edge.prefix``) are quantized
     (weights per channel int8, activations uint8, min-max ranges); the
     pooling and the head stay float.
     """
@@ -175,7 +177,7 @@ def int8_onnx(model, calibration, input_name="x", batch_size=32):
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    exclude = [n.name for n in model.graph.node if ".prefix" not in _name_scope(n)]
+    exclude = [n.name for n in model.graph.node if not _in_prefix(n)]
     if len(exclude) == len(model.graph.node):
         raise RuntimeError("the ONNX exporter no longer records which nodes belong to the prefix; cannot tell the "
                            "backbone from the detector head to quantize only the former.")
@@ -210,17 +212,15 @@ def set_onnx_threshold(model, offset):
     raise RuntimeError("the ONNX edge has no initializer 'edge.head.offset' to set its threshold in.")
 
 
-def int8_threshold(scores, float_scores, float_offset, target_tpr, held_out):
-    """The threshold of an int8 program from its own scores of ID images (no OOD data).
+def int8_acceptance(edge, calibration, target_tpr, held_out):
+    """``(rate, rule)``: the share of ID images each int8 program's own threshold accepts (no OOD data).
 
-    With ``held_out`` ID images (that the detector was not fitted on): the
-    threshold that accepts ``target_tpr`` of them. Without, on the
-    calibration images themselves: the one that accepts as many of them as
-    the float detector's threshold does (the float threshold was set on
-    out-of-fold training scores, so this carries its TPR over).
+    With held-out ID images (that the detector was not fitted on), ``target_tpr`` of them. Without, on the
+    calibration images themselves, as many as the float detector's threshold accepts (the float threshold was
+    set on out-of-fold training scores, so this carries its TPR over).
     """
-    scores = np.asarray(scores, dtype=np.float64)
     if held_out:
-        return offset_for_tpr(scores, target_tpr), "target_tpr on held-out ID images"
-    rate = float(np.mean(np.asarray(float_scores) >= float_offset))
-    return offset_for_tpr(scores, rate), "the float threshold's acceptance rate on the calibration images"
+        return float(target_tpr), "target_tpr on held-out ID images"
+    with torch.no_grad():
+        out = edge(calibration)
+    return float(out.is_id.double().mean()), "the float threshold's acceptance rate on the calibration images"

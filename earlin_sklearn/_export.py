@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from ._cost import count_flops
-from ._device_formats import (FlatEdge, executorch_program, int8_edge, int8_onnx, int8_threshold, onnx_program,
+from ._device_formats import (FlatEdge, executorch_program, int8_acceptance, int8_edge, int8_onnx, onnx_program,
                               set_onnx_threshold, strip_metadata)
 from ._edge import CloudModule
+from ._threshold import offset_for_tpr
 from .edge._manifest import (MANIFEST, SPLIT_FORMAT, check_seal, file_sha256, read_manifest, seal,  # noqa: F401
                              verified_bytes)
 from .exceptions import SplitVerificationError
@@ -169,25 +170,22 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     if int8:
         from .edge._programs import EdgeProgram
 
-        calibration = torch.as_tensor(np.asarray(calibration) if not isinstance(calibration, torch.Tensor)
-                                      else calibration).to(torch.float32)
+        calibration = torch.as_tensor(np.asarray(calibration), dtype=torch.float32).contiguous()
         held_out = threshold_data is not None
-        scored = (torch.as_tensor(np.asarray(threshold_data) if not isinstance(threshold_data, torch.Tensor)
-                                  else threshold_data).to(torch.float32) if held_out else calibration).contiguous()
-        with torch.no_grad():
-            float_scores = edge(calibration).score.numpy()
+        scored = torch.as_tensor(np.asarray(threshold_data), dtype=torch.float32).contiguous() if held_out else calibration
+        rate, rule = int8_acceptance(edge, calibration, target_tpr, held_out)
         note = {"quantization_images": int(calibration.shape[0]), "threshold_images": int(scored.shape[0])}
         if "onnx-int8" in formats:
             quantized = int8_onnx(onnx_edge, calibration)
             probe = EdgeProgram("edge.int8.onnx", {"runtime": "onnxruntime"}, quantized.SerializeToString())
-            new, rule = int8_threshold(probe(scored.numpy())[1], float_scores, offset, target_tpr, held_out)
+            new = offset_for_tpr(probe(scored.numpy())[1], rate)
             data = strip_metadata(set_onnx_threshold(quantized, new)).SerializeToString()
             edge_program("onnx-int8", data, new, **note, threshold_rule=rule)
         if "pte-int8" in formats:
             q = int8_edge(edge, calibration, x)
             probe = EdgeProgram("edge.int8.pte", {"runtime": "executorch", "batch": 1},
                                 executorch_program(FlatEdge(q), x))
-            new, rule = int8_threshold(probe(scored.numpy())[1], float_scores, offset, target_tpr, held_out)
+            new = offset_for_tpr(probe(scored.numpy())[1], rate)
             q.head.offset.fill_(new)  # the same quantized prefix, lowered again with its own threshold
             edge_program("pte-int8", executorch_program(FlatEdge(q), x), new, batch=1, **note, threshold_rule=rule)
     x1 = x[:1]
