@@ -61,8 +61,10 @@ def batched(fn, X, bs):
 
 
 def extraction(model, X, layer, bs, label):
+    # every estimator here runs with n_threads=None, torch's current setting, which the bare and full forwards use
+    # too (the default "auto" takes half the cores: the ratios would compare thread counts)
     prefix, _ = split_model(model, layer)
-    ft = BackboneFeatures(model, layer, batch_size=bs, device="cpu").fit(X[:2])
+    ft = BackboneFeatures(model, layer, batch_size=bs, device="cpu", n_threads=None).fit(X[:2])
     Xn = X.numpy()
 
     def bare():
@@ -107,10 +109,11 @@ def head_share(det, X):
 
 
 def tuning(model, Xtr, ytr, X_ood, bs):
-    t_one = best_time(lambda: ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu").fit(Xtr, ytr), repeat=1)
+    t_one = best_time(lambda: ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu",
+                                                        n_threads=None).fit(Xtr, ytr), repeat=1)
 
     def tune():
-        ft = BackboneFeatures(model, "layer1", batch_size=bs, device="cpu").fit(Xtr[:2])
+        ft = BackboneFeatures(model, "layer1", batch_size=bs, device="cpu", n_threads=None).fit(Xtr[:2])
         F_id, F_ood = ft.transform(Xtr), ft.transform(X_ood)  # the only backbone passes
         grid = {"select__n_channels": [4, 8, 16, "all"], "distance__metric": ["mahalanobis", "euclidean"]}
         pipe = Pipeline([("select", ChannelSelector()), ("distance", DistanceDetector())])
@@ -135,7 +138,8 @@ def versus_pytorch_ood(model, Xtr, ytr, X_eval, bs):
     from torchvision.models.feature_extraction import create_feature_extractor
 
     def ours():
-        det = ShallowFeatureOODDetector(model, "layer1", pooling="mean", n_channels="all", batch_size=bs, device="cpu")
+        det = ShallowFeatureOODDetector(model, "layer1", pooling="mean", n_channels="all", batch_size=bs,
+                                        device="cpu", n_threads=None)
         det.fit(Xtr, ytr)
         return det.score_samples(X_eval)
 
@@ -181,7 +185,7 @@ def sample():
 base = rss()
 t = threading.Thread(target=sample)
 t.start()
-ShallowFeatureOODDetector(model, "layer1", batch_size={bs}, device="cpu").fit(Xtr, ytr)
+ShallowFeatureOODDetector(model, "layer1", batch_size={bs}, device="cpu", n_threads=None).fit(Xtr, ytr)
 done.set(); t.join()
 print(json.dumps({{"rss_before_fit_mib": base / 2**20, "rss_peak_during_fit_mib": max(samples) / 2**20,
                   "fit_extra_mib": (max(samples) - base) / 2**20, "samples": len(samples)}}))
@@ -226,7 +230,7 @@ def main(argv=None):
     r18 = torchvision.models.resnet18().eval()
     big = 4 if args.smoke else 64
     results["extraction"].append(extraction(r18, torch.randn(big, 3, 224, 224), "layer1", 32, "torchvision resnet18 (224x224)"))
-    det = ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu").fit(Xtr, ytr)
+    det = ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu", n_threads=None).fit(Xtr, ytr)
     results["head_share"] = head_share(det, Xte)
     results["tuning"] = tuning(model, Xtr, ytr.numpy(), ood["Tiny-ImageNet"], bs)
     X_eval = torch.cat([Xte, ood["Tiny-ImageNet"]])

@@ -14,6 +14,7 @@ import torch
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split
 from earlin_sklearn.edge._manifest import canonical as _canonical
+from earlin_sklearn.exceptions import SplitVerificationError
 
 from .conftest import make_images, make_tiny_cnn
 
@@ -212,3 +213,28 @@ def test_the_server_refuses_a_tampered_split(split, tmp_path):
         create_cloud_app(directory)
     with pytest.raises(ValueError, match="signed with another key"):
         create_cloud_app(split["dir"], key=b"another key of sixteen+ bytes")
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "oversize"])
+def test_manifest_reads_are_bounded(split, tmp_path, kind):
+    """split.json as a link to an endless device, a FIFO with no writer, or a huge file: refused at once."""
+    import os
+    import time
+
+    from earlin_sklearn.edge import read_manifest
+
+    directory = copy_split(split, tmp_path)
+    manifest = directory / "split.json"
+    manifest.unlink()
+    if kind == "symlink to /dev/zero":
+        manifest.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.write_bytes(b" " * (2 << 20))
+    t0 = time.perf_counter()
+    with pytest.raises(SplitVerificationError):
+        read_manifest(directory)
+    with pytest.raises(SplitVerificationError):
+        load_split(directory)
+    assert time.perf_counter() - t0 < 5

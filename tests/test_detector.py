@@ -163,3 +163,20 @@ def test_scores_do_not_depend_on_the_batch_size():
         # the edge's Yeo-Johnson is torch's pow, not NumPy's (last-bit differences, scaled by the random weights'
         # narrow features): 1e-6 of a score (2e-8 relative) where the batch size alone moves nothing
         np.testing.assert_allclose(e1, s64, rtol=0, atol=max(tol, 1e-6))
+
+
+def test_features_constant_to_float32_get_the_identity_transform():
+    """A feature whose ID spread is below float32 resolution keeps its values (no exponent fitted to rounding);
+    a dead channel (all zeros) and ordinary features are PowerTransformer's."""
+    from sklearn.preprocessing import PowerTransformer
+
+    from earlin_sklearn._passes import FEATURE_RESOLUTION, fit_power_transform
+
+    rng = np.random.default_rng(0)
+    F = np.column_stack([rng.gamma(2.0, size=500), 3.0 + 1e-6 * rng.standard_normal(500), np.zeros(500)])
+    transform, plain = fit_power_transform(F), PowerTransformer().fit(F)
+    assert transform.lambdas_[1] == 1.0 and plain.lambdas_[1] != 1.0
+    assert transform._scaler.scale_[1] == pytest.approx(FEATURE_RESOLUTION * 3.0, rel=1e-6)
+    np.testing.assert_array_equal(transform.lambdas_[[0, 2]], plain.lambdas_[[0, 2]])
+    np.testing.assert_allclose(transform.transform(F)[:, [0, 2]], plain.transform(F)[:, [0, 2]])
+    assert np.abs(transform.transform(F)[:, 1]).max() < 0.1  # rounding-size wiggles stay small

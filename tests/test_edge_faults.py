@@ -214,3 +214,37 @@ def test_the_summary_counts_only_uploads_that_succeeded(deployment):
     summary = summarize(records)
     assert summary["failed"] == 1
     assert summary["uploaded"] == sum(bool(r.uploaded) for r in records) - 1
+
+
+def test_a_refused_run_logs_every_input(deployment, tmp_path):
+    """The server refusing the runner itself ends the run, and every input still has its one line."""
+    X, _ = id_stream(6)
+    runner, _ = runner_with(deployment, [])
+    runner.client.headers["X-Earlin-Version"] = "0" * 64
+    log = tmp_path / "log.jsonl"
+    with runner, pytest.raises(RuntimeError, match="409"):
+        runner.run(X, log=log)
+    records = read_log(log)
+    assert [r.index for r in records] == list(range(len(X)))
+    refused = [r for r in records if r.status == "refused"]
+    assert len(refused) == 1 and refused[0].is_id and "409" in refused[0].error
+    assert all(r.status in ("ok", "not run") for r in records if r is not refused[0])
+    assert all(r.status == "not run" for r in records if r.index > refused[0].index)
+
+
+def test_uint8_images_are_normalized_or_refused(deployment, tmp_path):
+    """Camera pixels never reach the edge unnormalized: with mean/std they decide as the normalized floats do."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+    runner, _ = runner_with(deployment, [])
+    with runner, pytest.raises(ValueError, match="records no preprocessing"):
+        runner.process(pixels[0])
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    runner, _ = runner_with(deployment, [], mean=mean, std=std)
+    floats = (pixels.transpose(0, 3, 1, 2) / np.float32(255) - np.array(mean, np.float32)[:, None, None]) \
+        / np.array(std, np.float32)[:, None, None]
+    with runner:
+        for image, x in zip(pixels, floats.astype(np.float32)):
+            for camera in (image, torch.from_numpy(image)):  # an array or a uint8 tensor alike
+                assert runner.model_input(camera)[0].tobytes() == runner.model_input(x)[0].tobytes()
+            assert runner.process(image).score == runner.process(x).score

@@ -9,7 +9,7 @@ import torch
 from earlin_sklearn import ShallowFeatureOODDetector, save_split
 from earlin_sklearn.models import cifar_resnet
 
-from .conftest import EDGE_RTOL
+from .conftest import EDGE_RTOL, make_images, make_tiny_cnn
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -109,3 +109,12 @@ def test_bad_format(exported, tmp_path):
     _, _, edge, cloud, _, X = exported
     with pytest.raises(ValueError, match="formats"):
         save_split(edge, cloud, tmp_path, X[:2], formats=("tflite",))
+
+
+def test_pt2_holds_the_example_not_its_base_tensor(tmp_path):
+    """The example is often a slice of the test set: the archive stores that slice, not the whole set."""
+    X, y = make_images(60)
+    det = ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y)
+    big = torch.randn(4000, 3, 12, 12)  # 6.9 MB; two of its images are the example
+    paths = save_split(*det.export_split(), tmp_path, big[:2], formats=("pt2",))
+    assert paths["edge.pt2"].stat().st_size < 1_000_000

@@ -222,7 +222,7 @@ class EdgeRunner:
         has neither is refused, never run unnormalized. Anything else is
         taken as a model input.
         """
-        a = np.asarray(x) if not hasattr(x, "detach") else as_float32(x)
+        a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)  # a tensor keeps its dtype
         if a.dtype == np.uint8:
             if self.preprocessing is None:
                 raise ValueError(f"input {index} is a uint8 image, and the split records no preprocessing: save it "
