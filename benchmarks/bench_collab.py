@@ -78,7 +78,7 @@ def start_server(split_dir, port, *options, global_options=()):
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
             time.sleep(0.2)

@@ -179,7 +179,7 @@ def main(argv=None):
         fuzz = {"requests": args.fuzz, "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
                 "5xx": len(five_xx), "wrong_class": fuzz_wrong, "examples_5xx": five_xx[:5]}
         print(fuzz, flush=True)
-        alive = httpx.get(f"{url}/health").status_code == 200
+        alive = httpx.get(f"{url}/livez").status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)

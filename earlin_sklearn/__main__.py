@@ -33,8 +33,8 @@ def main(argv=None):
 
     serve = sub.add_parser("serve-cloud", help="serve the exported cloud part over HTTP")
     serve.add_argument("split_dir", help="directory written by earlin_sklearn.save_split")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"),
                        help="require 'Authorization: Bearer TOKEN' (default: $EARLIN_TOKEN, or none)")
     serve.add_argument("--max-bytes", type=int, default=64 * 2**20,
@@ -52,17 +52,26 @@ def main(argv=None):
     edge.add_argument("--input", required=True, help="an .npz file (x, optional y) or a directory of images")
     edge.add_argument("--mean", type=float, nargs="+", help="per-channel mean to normalize uint8 images (after /255)")
     edge.add_argument("--std", type=float, nargs="+", help="per-channel std to normalize uint8 images")
-    edge.add_argument("--upload", choices=UPLOADS, default="auto")
+    edge.add_argument("--upload", choices=UPLOADS, default="auto",
+                      help="what an accepted input sends: the cut activations, the input itself, or the cost "
+                           "model's choice (auto)")
     edge.add_argument("--encoding", choices=ENCODINGS + IMAGE_FORMATS, default="float32",
                       help="tensor encoding, or png/jpeg: upload the camera image (needs a split with preprocessing)")
     edge.add_argument("--compression", choices=COMPRESSIONS, default="none",
                       help="entropy-code tensor bodies (zstd: pip install zstandard, on both sides)")
-    edge.add_argument("--jpeg-quality", type=int, default=90)
-    edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"))
+    edge.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of --encoding jpeg uploads")
+    edge.add_argument("--token", default=os.environ.get("EARLIN_TOKEN"),
+                      help="the server's bearer token (default: $EARLIN_TOKEN, or none)")
     edge.add_argument("--log", default="edge_log.jsonl", help="one JSON line per input, written as it goes")
     edge.add_argument("--resume", action="store_true", help="continue from --log: skip inputs already processed")
     edge.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     edge.add_argument("--retries", type=int, default=5, help="retries per upload (timeouts, disconnects, 5xx)")
+    edge.add_argument("--wait", type=float, default=0.0,
+                      help="seconds to wait for the server to come up (its /health is checked before the first "
+                           "input: down, wrong token or another split fail at once)")
+    edge.add_argument("--allow-all-ood", action="store_true",
+                      help="exit 0 when every input is judged OOD (by default that ends with a warning and exit "
+                           "code 3: it usually means unnormalized or wrongly shaped inputs)")
     edge.add_argument("--runtime", choices=("auto", "executorch", "onnxruntime", "torch"), default="auto",
                       help="which edge file runs: ExecuTorch (.pte), ONNX Runtime (.onnx) or PyTorch (.pt2); auto: "
                            "the first of these the split has and this machine can run (only torch imports PyTorch)")
@@ -77,6 +86,8 @@ def main(argv=None):
                 setattr(args, name, Path(path).read_text().strip())
             except OSError as exc:
                 parser.error(f"--{name}-file: {exc}")
+    if getattr(args, "token", None) == "":
+        parser.error("the token is empty (is $EARLIN_TOKEN set?): pass the token, or leave --token out for none")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.command != "run-edge":  # the edge runner imports no torch: its runtime takes the thread count
@@ -113,7 +124,7 @@ def main(argv=None):
         except ImportError as exc:
             print(f"earlin: {exc}", file=sys.stderr)
             return 2
-        from .edge import CloudRefused, EdgeRunner, read_inputs, summarize
+        from .edge import CloudRefused, CloudUnreachable, EdgeRunner, read_inputs, summarize
         from .exceptions import SplitVerificationError
 
         images = args.encoding in IMAGE_FORMATS
@@ -126,8 +137,10 @@ def main(argv=None):
                             std=args.std) as runner:
                 print(f"earlin run-edge: {runner.program.name} ({runner.program.runtime}, {runner.program.precision})",
                       file=sys.stderr)
+                runner.check_server(wait=args.wait, timeout=min(5.0, args.timeout))
                 records = runner.run(X, labels=y, log=args.log, resume=args.resume)
-        except (CloudRefused, ValueError, FileNotFoundError, ImportError, SplitVerificationError) as exc:
+        except (CloudRefused, CloudUnreachable, ValueError, FileNotFoundError, ImportError,
+                SplitVerificationError) as exc:
             print(f"earlin run-edge: {exc}", file=sys.stderr)
             return 2
         summary = summarize(records)
@@ -139,6 +152,12 @@ def main(argv=None):
             print(f"earlin run-edge: {summary['failed']} uploads failed after every retry; rerun with --resume "
                   "to retry only those.", file=sys.stderr)
             return 1
+        if summary["inputs"] and summary["rejected"] == summary["inputs"] and not args.allow_all_ood:
+            print(f"earlin run-edge: warning: every one of the {summary['inputs']} inputs was judged OOD, nothing was "
+                  "uploaded. If they are in-distribution images, check how they are normalized (the split's "
+                  "preprocessing, or --mean/--std) and their shape; pass --allow-all-ood when this is expected.",
+                  file=sys.stderr)
+            return 3
     return 0
 
 

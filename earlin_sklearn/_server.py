@@ -33,7 +33,9 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     split_dir : str or Path
         Directory written by :func:`save_split`.
     token : str, default=None
-        Bearer token required from clients; None: no authentication.
+        Bearer token required from clients (``Authorization: Bearer TOKEN``,
+        the scheme in any case) on every route but ``/livez``; None: no
+        authentication. An empty token is refused.
     max_bytes : int, default=64 MiB
         Largest request body.
     max_batch : int, default=256
@@ -52,8 +54,10 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
 
     Notes
     -----
-    Endpoints: ``GET /health`` (status, model version and the payload it
-    expects); ``POST /v1/activations`` (body: the cut activations, see
+    Endpoints: ``GET /livez`` (``{"status": "ok"}`` and nothing else, without
+    a token: a liveness probe); ``GET /health`` (status, model version and the
+    payload it expects; the edge runner checks it before its first input);
+    ``POST /v1/activations`` (body: the cut activations, see
     ``earlin_sklearn/edge/_wire.py``; runs the cloud part); ``POST /v1/raw``
     (body: input tensors, or one PNG/JPEG file with ``X-Earlin-Encoding:
     png|jpeg`` when the split records its preprocessing; runs the whole
@@ -79,9 +83,12 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
     >>> app = create_cloud_app(folder, token="s3cret")  # serve it with uvicorn.run(app) or earlin serve-cloud
     >>> sorted(r.path for r in app.routes)
-    ['/health', '/v1/activations', '/v1/raw']
+    ['/health', '/livez', '/v1/activations', '/v1/raw']
     """
     from ._optional import require
+
+    if token is not None and not str(token):
+        raise ValueError("the token is empty (is $EARLIN_TOKEN set?): pass a token, or none to serve without one.")
 
     require("create_cloud_app", "serve", "fastapi")
     from fastapi import FastAPI, HTTPException, Request
@@ -103,11 +110,16 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     app = FastAPI(title="earlin cloud", version=version, docs_url="/docs" if show_docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if show_docs else None)
 
+    def check_token(request):
+        if token is None:
+            return
+        scheme, _, credentials = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+        if scheme.lower() != "bearer" or not secrets.compare_digest(credentials.strip().encode(), str(token).encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
     def check(request, images=False):
-        if token is not None:
-            got = request.headers.get("authorization", "")
-            if not secrets.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        check_token(request)
         sent_version = request.headers.get(HEADER_VERSION)
         if sent_version is None:
             raise HTTPException(428, f"{HEADER_VERSION} is required: the version of the split the payload was made "
@@ -202,8 +214,13 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         answer = await run_in_threadpool(compute, tensors)
         return {**answer, "version": version}
 
+    @app.get("/livez")
+    def livez():
+        return {"status": "ok"}
+
     @app.get("/health")
-    def health():
+    def health(request: Request):
+        check_token(request)
         return {"status": "ok", "version": version, "input_shape": list(input_shape), "payload": manifest["payload"]}
 
     @app.post("/v1/activations")

@@ -102,8 +102,17 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(deployment)
         # still serving
         ok = c.post("/v1/activations", content=good, headers=auth)
         assert ok.status_code == 200 and len(ok.json()["predictions"]) == 1
-        health = c.get("/health").json()
+        health = c.get("/health", headers=auth).json()
         assert health["status"] == "ok" and health["version"] == manifest["version"]
+        # /health tells the model version only to a client with the token; /livez tells anyone only "ok"
+        assert c.get("/health").status_code == 401
+        assert c.get("/livez").json() == {"status": "ok"}
+        # the scheme is case-insensitive (RFC 7235), the token is not
+        lower = {**auth, "Authorization": f"bearer {TOKEN}"}
+        assert c.post("/v1/activations", content=good, headers=lower).status_code == 200
+        assert c.get("/health", headers={"Authorization": f"BEARER {TOKEN}"}).status_code == 200
+        assert c.get("/health", headers={"Authorization": f"Bearer {TOKEN.upper()}"}).status_code == 401
+        assert c.get("/health", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
 
 
 def test_zstd_bodies_are_decompressed_with_a_limit(deployment):
@@ -191,7 +200,7 @@ def test_the_two_commands(deployment, tmp_path, capsys):
         deadline = time.time() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -213,3 +222,49 @@ def test_the_two_commands(deployment, tmp_path, capsys):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 30 and sum(r["bytes_sent"] > 0 for r in records) == n_id
     assert [r["label"] for r in records] == y.tolist()
+
+
+def test_run_edge_checks_the_server_before_the_first_input(deployment, tmp_path, capsys):
+    """Down, wrong token, another split, empty token: one line and exit 2 at once, no input processed."""
+    from earlin_sklearn.__main__ import main
+    from earlin_sklearn.edge import CloudRefused, CloudUnreachable
+
+    X, y = stream()
+    np.savez(tmp_path / "stream.npz", x=X.numpy(), y=y)
+    log = tmp_path / "edge_log.jsonl"
+    base = ["run-edge", str(deployment["dir"]), "--input", str(tmp_path / "stream.npz"), "--log", str(log)]
+    t0 = time.perf_counter()
+    assert main([*base, "--url", f"http://127.0.0.1:{free_port()}", "--token", TOKEN]) == 2  # nothing listens
+    assert time.perf_counter() - t0 < 5
+    assert "does not answer" in capsys.readouterr().err and not log.exists()
+    assert main([*base, "--url", deployment["url"], "--token", "wrong"]) == 2
+    assert "refused the token" in capsys.readouterr().err and not log.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--url", deployment["url"], "--token", ""])  # $EARLIN_TOKEN unset, expanded to ""
+    assert exit_.value.code == 2 and "token is empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="token is empty"):
+        EdgeRunner(deployment["dir"], deployment["url"], token="")
+    with EdgeRunner(deployment["dir"], deployment["url"], token=TOKEN) as runner:
+        assert runner.check_server()["version"] == runner.manifest["version"]
+        runner.manifest = {**runner.manifest, "version": "0" * 16}  # as if another split's folder were on the device
+        with pytest.raises(CloudRefused, match="serves split version"):
+            runner.check_server()
+    with EdgeRunner(deployment["dir"], f"http://127.0.0.1:{free_port()}", token=TOKEN) as runner:
+        t0 = time.perf_counter()
+        with pytest.raises(CloudUnreachable):
+            runner.check_server(wait=1.0)
+        assert 0.9 < time.perf_counter() - t0 < 5  # it kept asking for `wait` seconds, then gave up
+
+
+def test_run_edge_warns_when_every_input_is_judged_ood(deployment, tmp_path, capsys):
+    from earlin_sklearn.__main__ import main
+
+    X_far = np.random.default_rng(5).uniform(-300, 300, size=(6, 3, 12, 12)).astype(np.float32)
+    assert (deployment["det"].predict(X_far) == -1).all()
+    np.savez(tmp_path / "far.npz", x=X_far)
+    args = ["run-edge", str(deployment["dir"]), "--url", deployment["url"], "--input", str(tmp_path / "far.npz"),
+            "--token", TOKEN, "--log", str(tmp_path / "log.jsonl")]
+    assert main(args) == 3
+    assert "every one of the 6 inputs was judged OOD" in capsys.readouterr().err
+    assert main([*args, "--allow-all-ood"]) == 0
+    assert "judged OOD" not in capsys.readouterr().err

@@ -17,8 +17,9 @@ device without them::
 
 from ._manifest import read_manifest, verified_bytes
 from ._programs import PRECISIONS, RUNTIMES, EdgeProgram, choose_program, edge_programs, load_edge_program
-from ._runner import CloudRefused, EdgeRecord, EdgeRunner, choose_upload, read_inputs, read_log, summarize
+from ._runner import (CloudRefused, CloudUnreachable, EdgeRecord, EdgeRunner, choose_upload, read_inputs, read_log,
+                      summarize)
 
-__all__ = ["CloudRefused", "EdgeProgram", "EdgeRecord", "EdgeRunner", "PRECISIONS", "RUNTIMES", "choose_program",
-           "choose_upload", "edge_programs", "load_edge_program", "read_inputs", "read_log", "read_manifest",
+__all__ = ["CloudRefused", "CloudUnreachable", "EdgeProgram", "EdgeRecord", "EdgeRunner", "PRECISIONS", "RUNTIMES",
+           "choose_program", "choose_upload", "edge_programs", "load_edge_program", "read_inputs", "read_log", "read_manifest",
            "summarize", "verified_bytes"]

@@ -56,6 +56,10 @@ class CloudRefused(RuntimeError):
     record = None
 
 
+class CloudUnreachable(ConnectionError):
+    """The cloud server did not answer the runner's health check (down, wrong URL, network)."""
+
+
 def choose_upload(manifest, encoding="float32", uplink_mbit_s=10.0, cloud_gflop_s=1000.0, act_bytes=None,
                   raw_bytes=None):
     """The cost model's choice for an accepted input: ``"activations"`` or ``"raw"``.
@@ -104,7 +108,7 @@ class EdgeRunner:
         tensor is then made on the first accepted input, from the sizes of
         its two compressed bodies.
     token : str, default=None
-        Bearer token of the server.
+        Bearer token of the server (an empty one is refused).
     uplink_mbit_s, cloud_gflop_s : float
         For ``upload="auto"``.
     timeout : float, default=30
@@ -174,6 +178,8 @@ class EdgeRunner:
             compress(b"", compression)  # a missing zstandard is named now, not at the first upload
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together.")
+        if token is not None and not str(token):
+            raise ValueError("the token is empty (is $EARLIN_TOKEN set?): pass the server's token, or none.")
         self.compression = compression
         self._choose = dict(encoding=encoding, uplink_mbit_s=uplink_mbit_s, cloud_gflop_s=cloud_gflop_s)
         self.jpeg_quality = int(jpeg_quality)
@@ -213,6 +219,59 @@ class EdgeRunner:
 
     def __exit__(self, *exc):
         self.close()
+
+    def check_server(self, wait=0.0, timeout=5.0):
+        """Ask the server's ``/health`` once before the first input: reachable, token accepted, same split.
+
+        Parameters
+        ----------
+        wait : float, default=0
+            Seconds to keep asking while the server cannot be reached (one
+            that starts beside the device); a refusal ends the wait at once.
+        timeout : float, default=5
+            Seconds per attempt.
+
+        Returns
+        -------
+        health : dict
+            The server's answer (status, version, input and payload shapes).
+
+        Raises
+        ------
+        CloudUnreachable
+            No answer within ``wait`` (and ``timeout``): the reason, in one line.
+        CloudRefused
+            The server refused the token, or serves another split.
+        """
+        import httpx
+
+        deadline = time.monotonic() + float(wait)
+        url = str(self.client.base_url).rstrip("/")
+        while True:
+            try:
+                response = self.client.get("/health", timeout=timeout)
+                break
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    reason = f"{type(exc).__name__}: {exc or 'no reason given'}"
+                    raise CloudUnreachable(f"the cloud server at {url} does not answer ({reason}): is earlin "
+                                           "serve-cloud running there?") from None
+                time.sleep(min(0.5, left))
+        if response.status_code in (401, 403):
+            raise CloudRefused(f"the cloud server at {url} refused the token (HTTP {response.status_code}): pass the "
+                               "token it was started with (--token or --token-file).")
+        try:
+            health = response.json() if response.status_code == 200 else None
+        except ValueError:
+            health = None
+        if not isinstance(health, dict) or "version" not in health:
+            raise CloudRefused(f"{url}/health answered HTTP {response.status_code} without an earlin health report: "
+                               f"{response.text[:200]!r}; is this earlin serve-cloud?")
+        if health["version"] != self.manifest["version"]:
+            raise CloudRefused(f"the cloud server at {url} serves split version {health['version']}, this split is "
+                               f"{self.manifest['version']}: deploy the same save_split folder on both sides.")
+        return health
 
     def model_input(self, x, index=0):
         """``(model input (C, H, W) float32, camera image or None)`` for one input.
