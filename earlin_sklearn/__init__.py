@@ -65,6 +65,6 @@ def __dir__():
     return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = sorted([*_EXPORTS, "metrics"])

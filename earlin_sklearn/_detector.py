@@ -1,5 +1,7 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.pipeline import Pipeline
@@ -16,6 +18,7 @@ from ._passes import LocalPasses, check_label_count, fit_power_transform, power_
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
+from .exceptions import EarlinWarning
 
 
 class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
@@ -220,6 +223,11 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         finally:
             run_pass.close()
         self._set_fitted(features, gaussianize, moments)
+        if self.target_tpr < 1.0 and moments.n_rows * (1.0 - self.target_tpr) < 1.0 - 1e-9:
+            warnings.warn(f"{owner} was fitted on {moments.n_rows} ID images: at target_tpr={self.target_tpr:g} the "
+                          "threshold cannot reject a single one of them, so it is no estimate of the rate it was "
+                          f"asked for; fit on at least {int(np.ceil(1.0 / (1.0 - self.target_tpr) - 1e-9))} images (100 or "
+                          "more for a stable threshold).", EarlinWarning, stacklevel=3)
         return self
 
     def partial_fit(self, X, y=None):

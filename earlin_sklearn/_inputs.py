@@ -187,7 +187,12 @@ def validate_images(estimator, X, reset, input_shape=None):
     if input_shape is not None:
         shape = X.shape if hasattr(X, "shape") else np.asarray(X).shape
         check_rank_and_channels(tuple(shape), type(estimator).__name__, tuple(input_shape))
-    X = validate_data(estimator, X, reset=reset, allow_nd=True, dtype="numeric")
+    X = validate_data(estimator, X, reset=reset, allow_nd=True, dtype="numeric", ensure_all_finite=False)
+    # a float64 sum of float32 pixels is finite exactly when every pixel is; a float64 one may overflow: then look
+    if X.dtype.kind == "f" and not np.isfinite(np.sum(X, dtype=np.float64)) and not np.isfinite(X).all():
+        bad = "NaN" if np.isnan(X).any() else "infinity"
+        raise ValueError(f"{type(estimator).__name__} got images containing {bad}: every pixel must be a finite "
+                         "number (drop those images, or replace the missing pixels before passing them).")
     if X.dtype == np.uint8:
         warn_uint8(stacklevel=3)
     return X

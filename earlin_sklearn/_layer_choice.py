@@ -60,12 +60,17 @@ class LayerRecommendation:
     table: list = field(default_factory=list)
     budget: float = 1.0
     tolerance: object = "se"
+    over_budget: list = field(default_factory=list)
+    """Candidates not fitted because their prefix exceeds the budget: ``{"layer", "edge_flops"}`` rows."""
 
     def within(self, max_edge_flops):
         """The recommendation under a smaller edge budget, from the same table (no refitting)."""
         row = pick(self.table, max_edge_flops, self.tolerance)
+        dropped = {r["layer"]: r["edge_flops"] for r in self.table if r["edge_flops"] > max_edge_flops}
+        over = [{"layer": k, "edge_flops": v} for k, v in dropped.items()] + list(self.over_budget)
         return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]},
-                                   [r for r in self.table if r["edge_flops"] <= max_edge_flops], max_edge_flops, self.tolerance)
+                                   [r for r in self.table if r["edge_flops"] <= max_edge_flops], max_edge_flops,
+                                   self.tolerance, over)
 
     def __str__(self):
         lines = [f"{'layer':<24}{'edge FLOPs':>11}{'n_channels':>12}{'pseudo-OOD AUROC':>18}"]
@@ -73,6 +78,9 @@ class LayerRecommendation:
             mark = "  <- recommended" if (row["layer"], row["n_channels"]) == (self.layer, self.params["n_channels"]) else ""
             lines.append(f"{row['layer']:<24}{100 * row['edge_flops']:>10.1f}%{str(row['n_channels']):>12}"
                          f"{100 * row['pseudo_auroc']:>17.2f}%{mark}")
+        if self.over_budget:
+            lines.append("over the edge budget, not fitted: " + ", ".join(
+                f"{r['layer']} ({100 * r['edge_flops']:.1f}%)" for r in self.over_budget))
         lines.append(f"(edge budget {100 * self.budget:.0f}% of the model's FLOPs; ties: "
                      f"{'one standard error' if self.tolerance == 'se' else self.tolerance}; scored on held-out ID folds "
                      "against pseudo-OOD made from them: no OOD data used)")
@@ -118,7 +126,9 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     -------
     recommendation : LayerRecommendation
         ``.layer``, ``.params`` (the winning ``layer`` and ``n_channels``) and
-        ``.table`` (every candidate with its edge FLOPs share and score).
+        ``.table`` (every candidate with its edge FLOPs share and score);
+        ``.over_budget`` lists the candidates left out by ``max_edge_flops``
+        with their FLOPs share (printed under the table).
 
     Examples
     --------
@@ -168,5 +178,7 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
                             search.cv_results_["std_test_score"])
     ]
     row = pick(table, max_edge_flops, tolerance)
+    over = [{"layer": layer, "edge_flops": costs[layer]} for layer in candidates
+            if layer in costs and costs[layer] > max_edge_flops]
     return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]}, table,
-                               max_edge_flops, tolerance)
+                               max_edge_flops, tolerance, over)

@@ -148,6 +148,16 @@ def _to_bytes(module):
     return buffer.getvalue()
 
 
+class _ClassName:
+    """Stands for a module in a repr: ``ResNet(...)``."""
+
+    def __init__(self, module):
+        self.text = f"{type(module).__name__}(...)"
+
+    def __repr__(self):
+        return self.text
+
+
 class TorchStateMixin:
     """Pickling for estimators that hold torch modules (see the module docstring).
 
@@ -182,6 +192,15 @@ class TorchStateMixin:
                 "param": param,
             }
         return state
+
+    def __repr__(self, N_CHAR_MAX=700):
+        """scikit-learn's repr, with each module parameter shown by its class name, not its every layer."""
+        shown = object.__new__(type(self))  # a shallow stand-in: no copy of the modules (nor of their pickles)
+        shown.__dict__.update(self.__dict__)
+        for name, value in self.get_params(deep=False).items():
+            if isinstance(value, torch.nn.Module):
+                setattr(shown, name, _ClassName(value))
+        return super(TorchStateMixin, shown).__repr__(N_CHAR_MAX)
 
     def __setstate__(self, state):
         torch_state = state.pop(_STATE_KEY, None)

@@ -1,6 +1,8 @@
 """Odd inputs as users send them: a clear error in the estimator's own terms, or a documented conversion;
 never a silent wrong answer."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from earlin_sklearn import (BackboneFeatures, DistanceDetector, ShallowFeatureOODDetector, collaborative_cost,
                             recommend_layer)
 from earlin_sklearn._threshold import offset_for_tpr
+from earlin_sklearn.exceptions import EarlinWarning
 
 from .conftest import AnyInputNet, make_images, make_tiny_cnn
 
@@ -158,3 +161,24 @@ def test_arrays_of_another_layout_are_named_in_the_composites_terms(fitted, make
     if make(X[:4]).ndim != 3:
         with pytest.raises(ValueError, match="ShallowFeatureOODDetector"):
             det.score_samples(DataLoader(make(X[:4]), batch_size=2))
+
+
+@pytest.mark.parametrize("value, word", [(np.nan, "NaN"), (np.inf, "infinity")])
+def test_non_finite_arrays_are_named_without_unrelated_advice(fitted, value, word):
+    det, X = fitted
+    bad = X[:4].copy()
+    bad[1, 0, 0, 0] = value
+    for call in (det.predict, det.score_samples):
+        with pytest.raises(ValueError, match=f"ShallowFeatureOODDetector got images containing {word}") as err:
+            call(bad)
+        assert "HistGradientBoosting" not in str(err.value)  # scikit-learn's advice for tabular data
+    assert det.predict(X[:4] * 1e3).shape == (4,)  # large but finite pixels are the model's business
+
+
+def test_fitting_on_a_handful_of_images_warns():
+    X = np.random.default_rng(0).standard_normal((12, 3, 12, 12)).astype(np.float32)
+    with pytest.warns(EarlinWarning, match="fitted on 3 ID images: at target_tpr=0.95 the threshold cannot reject"):
+        ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EarlinWarning)
+        ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu", target_tpr=0.9).fit(X[:10])  # 1 rejected

@@ -1,5 +1,6 @@
 """scikit-learn's estimator contract for every public estimator."""
 
+import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from earlin_sklearn import (BackboneFeatures, ChannelSelector, DistanceDetector, ShallowFeatureOODDetector,
@@ -50,6 +51,9 @@ def expected_failed_checks(estimator):
     return failed
 
 
+# scikit-learn's checks fit on a few samples on purpose; the warning that so few cannot set a threshold is tested
+# in tests/test_bad_inputs.py
+@pytest.mark.filterwarnings("ignore:.*the threshold cannot reject a single one of them:earlin_sklearn.exceptions.EarlinWarning")
 @parametrize_with_checks(ESTIMATORS, expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)

@@ -83,9 +83,9 @@ def test_compressed_sizes_are_measured_and_priced():
     from earlin_sklearn.edge._wire import compress, encode, encode_image
 
     torch.manual_seed(0)
-    X = torch.rand(12, 3, 32, 32)
+    X = torch.rand(20, 3, 32, 32)
     images = (X.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)  # the camera pixels X came from
-    det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(12) % 2)
+    det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(20) % 2)
     edge, cloud = det.export_split()
     cost = split_cost(edge, cloud, X, images=images)
     payload = edge.taps_and_crossing(X[:1])[1]

@@ -180,3 +180,17 @@ def test_features_constant_to_float32_get_the_identity_transform():
     np.testing.assert_array_equal(transform.lambdas_[[0, 2]], plain.lambdas_[[0, 2]])
     np.testing.assert_allclose(transform.transform(F)[:, [0, 2]], plain.transform(F)[:, [0, 2]])
     assert np.abs(transform.transform(F)[:, 1]).max() < 0.1  # rounding-size wiggles stay small
+
+
+def test_repr_names_the_backbone_by_its_class():
+    from earlin_sklearn import BackboneFeatures
+    from earlin_sklearn.baselines import LogitDetector
+
+    net = make_tiny_cnn()
+    X, y = make_images(40)
+    det = ShallowFeatureOODDetector(net, "layer1", device="cpu").fit(X, y)
+    for est, param in ((det, "backbone"), (BackboneFeatures(net, "layer1"), "backbone"), (LogitDetector(net), "model")):
+        text = repr(est)
+        assert f"{param}={type(net).__name__}(...)" in text and "Conv2d" not in text, text
+    assert det.backbone is not None and isinstance(det.backbone, torch.nn.Module)  # the repr changed nothing
+    assert repr(det) == f"ShallowFeatureOODDetector(backbone={type(net).__name__}(...), device='cpu', layer='layer1')"

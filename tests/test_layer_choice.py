@@ -15,6 +15,10 @@ def test_recommendation_respects_the_budget_and_leaves_the_model_alone():
     assert {r["layer"] for r in rec.table} == {"stem"} and len(rec.table) == 2
     assert all(0 < r["edge_flops"] <= 0.5 and 0 <= r["pseudo_auroc"] <= 1 for r in rec.table)
     assert "<- recommended" in str(rec)
+    # the candidates the budget left out are named, with their FLOPs share, not silently dropped
+    assert [r["layer"] for r in rec.over_budget] == ["layer1", "layer2"]
+    assert all(r["edge_flops"] > 0.5 for r in rec.over_budget)
+    assert "over the edge budget, not fitted: layer1 (" in str(rec)
     assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
@@ -27,6 +31,7 @@ def test_ties_go_to_the_cheaper_layer_and_budgets_narrow_the_table():
     assert next(r for r in strict.table if r["layer"] == strict.layer)["pseudo_auroc"] == best
     narrow = strict.within(0.5)
     assert narrow.layer == "stem" and {r["layer"] for r in narrow.table} == {"stem"}
+    assert [r["layer"] for r in narrow.over_budget] == ["layer1"]
 
 
 def test_nothing_within_budget_is_a_clear_error():

@@ -58,14 +58,14 @@ def test_skip_connections_send_every_crossing_tensor():
     activation, *crossing = prefix(torch.randn(2, 3, 32, 32))
     # the block's input (for the residual addition) and bn2's output both cross
     assert len(crossing) == 2 and prefix.crossing_names[-1] == "layer1_0_bn2"
-    det = ShallowFeatureOODDetector(model, "layer1.0.bn2", device="cpu").fit(torch.randn(12, 3, 32, 32))
+    det = ShallowFeatureOODDetector(model, "layer1.0.bn2", device="cpu").fit(torch.randn(20, 3, 32, 32))
     assert isinstance(det.export_split()[0](torch.randn(2, 3, 32, 32)).payload, tuple)
 
 
 def test_cloud_accepts_a_tuple_or_separate_tensors():
     model = random_model("resnet18")
     X = torch.randn(3, 3, 32, 32)
-    edge, cloud = ShallowFeatureOODDetector(model, "layer2.0.bn2", device="cpu").fit(X.repeat(4, 1, 1, 1)).export_split()
+    edge, cloud = ShallowFeatureOODDetector(model, "layer2.0.bn2", device="cpu").fit(X.repeat(7, 1, 1, 1)).export_split()
     payload = edge(X).payload
     torch.testing.assert_close(cloud(payload), cloud(*payload))
 
