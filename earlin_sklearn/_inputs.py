@@ -151,8 +151,7 @@ def check_batch(x, owner, index, input_shape):
     if x.dtype == torch.uint8:
         warn_uint8(stacklevel=4)
     elif x.is_floating_point() and not torch.isfinite(x).all():
-        bad = "NaN" if torch.isnan(x).any() else "infinity"
-        raise ValueError(f"{owner} got images containing {bad} (batch {index}).")
+        raise non_finite_images(owner, bool(torch.isnan(x).any()), f" (batch {index})")
 
 
 def n_batches(loader):
@@ -175,6 +174,12 @@ def image_batches(X, batch_size):
     return ((X[s : s + batch_size], None) for s in starts), len(starts)
 
 
+def non_finite_images(owner, has_nan, where=""):
+    """The error for images with NaN or infinite pixels (arrays and loader batches alike)."""
+    return ValueError(f"{owner} got images containing {'NaN' if has_nan else 'infinity'}{where}: every pixel must be "
+                      "a finite number (drop those images, or replace the missing pixels before passing them).")
+
+
 def validate_images(estimator, X, reset, input_shape=None):
     """Validate an image array (or tensor) ``(N, C, H, W)`` with scikit-learn's checks.
 
@@ -190,9 +195,7 @@ def validate_images(estimator, X, reset, input_shape=None):
     X = validate_data(estimator, X, reset=reset, allow_nd=True, dtype="numeric", ensure_all_finite=False)
     # a float64 sum of float32 pixels is finite exactly when every pixel is; a float64 one may overflow: then look
     if X.dtype.kind == "f" and not np.isfinite(np.sum(X, dtype=np.float64)) and not np.isfinite(X).all():
-        bad = "NaN" if np.isnan(X).any() else "infinity"
-        raise ValueError(f"{type(estimator).__name__} got images containing {bad}: every pixel must be a finite "
-                         "number (drop those images, or replace the missing pixels before passing them).")
+        raise non_finite_images(type(estimator).__name__, bool(np.isnan(X).any()))
     if X.dtype == np.uint8:
         warn_uint8(stacklevel=3)
     return X
