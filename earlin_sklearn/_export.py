@@ -19,10 +19,7 @@ that need more than ``weights_only`` loading). The manifest's rules live in
 
 import copy
 import inspect
-import io
 import json
-import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +29,10 @@ from ._cost import count_flops
 from ._device_formats import (FlatEdge, executorch_program, int8_acceptance, int8_edge, int8_onnx, onnx_program,
                               set_onnx_threshold, strip_metadata)
 from ._edge import CloudModule
+from ._pt2 import check_code_free_pt2, load_pt2  # noqa: F401
 from ._threshold import offset_for_tpr
-from .edge._manifest import (MANIFEST, SPLIT_FORMAT, check_seal, file_sha256, read_manifest, seal,  # noqa: F401
-                             verified_bytes)
+from .edge._manifest import (MANIFEST, SPLIT_FORMAT, check_payload, check_seal, file_sha256,  # noqa: F401
+                             read_manifest, seal, verified_bytes)
 from .exceptions import SplitVerificationError
 
 FORMATS = ("pt2", "onnx")  # the default: what the server and a PyTorch or ONNX Runtime edge read
@@ -220,59 +218,6 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     return paths
 
 
-_PT2_MEMBER = re.compile(
-    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-    r"|models/[\w.-]+\.json|data/weights/[\w.-]+|data/constants/[\w.-]+|data/sample_inputs/[\w.-]+\.pt)"
-)
-
-
-def check_code_free_pt2(path, data=None):
-    """Refuse a ``.pt2`` archive (at ``path``, or its bytes ``data``) from which ``torch.export.load``
-    would unpickle anything.
-
-    torch.export.load unpickles (with ``weights_only=False``) weights or
-    constants marked ``use_pickle``, custom and opaque objects, and any
-    ``torch.save`` member (sample inputs; the weights themselves in torch
-    2.8 and older archives) that ``weights_only`` loading refuses. This check
-    allows only the members torch.export.save writes for plain tensors, reads
-    their configs without unpickling anything, and requires every ``.pt``
-    member to load with ``weights_only=True``.
-    """
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data) if data is not None else path)
-    except zipfile.BadZipFile:
-        raise SplitVerificationError(f"{path} is not a .pt2 archive.") from None
-    with archive:
-        names = archive.namelist()
-        roots = {n.split("/", 1)[0] for n in names}
-        if len(roots) != 1:
-            raise SplitVerificationError(f"{path} has several top-level folders {sorted(roots)}: not a .pt2 from save_split.")
-        for name in names:
-            member = name.split("/", 1)[1] if "/" in name else ""
-            if not _PT2_MEMBER.fullmatch(member):
-                raise SplitVerificationError(f"{path} holds an unexpected member {name!r}; refusing it.")
-            if member.endswith("_config.json"):
-                config = json.loads(archive.read(name)).get("config", {})
-                prefix = "weight_" if "/weights/" in member else "tensor_"
-                for entry, meta in config.items():
-                    if meta.get("use_pickle", False) or not str(meta.get("path_name", "")).startswith(prefix):
-                        raise SplitVerificationError(
-                            f"{path}: {entry!r} is stored as a pickle or a custom object, which loading would "
-                            "execute; refusing it. save_split writes plain tensors only.")
-            elif member.endswith(".pt"):  # torch.save archives (sample inputs; weights/constants in older torch)
-                try:  # the restricted unpickler: no code; torch itself would fall back to a full unpickle
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                except Exception:
-                    raise SplitVerificationError(f"{path}: {name!r} needs more than weights-only loading, which "
-                                                 "would run code; refusing it.") from None
-
-
-def load_pt2(path, data):
-    """The module of a ``.pt2`` program from its (verified) bytes, after :func:`check_code_free_pt2`."""
-    check_code_free_pt2(path, data)
-    return torch.export.load(io.BytesIO(data)).module()
-
-
 def load_split(directory, parts=PARTS, key=None):
     """``(manifest, edge, cloud)`` from a directory written by :func:`save_split`, verified.
 
@@ -320,4 +265,36 @@ def load_split(directory, parts=PARTS, key=None):
             name = f"{part}.pt2"
             # read once: what is checked is what is loaded
             loaded[part] = load_pt2(Path(directory) / name, verified_bytes(directory, manifest, name))
+    check_cut(manifest, loaded.get("edge"), loaded.get("cloud"))
     return manifest, loaded.get("edge"), loaded.get("cloud")
+
+
+_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "int8",
+                                              "bool")}
+
+
+def check_cut(manifest, edge=None, cloud=None):
+    """Refuse at load a manifest whose cut (input shape, payload names, shapes, dtypes) the programs do not have.
+
+    The edge runs on two zero inputs of the manifest's ``input_shape`` and
+    must return the payload it lists; the cloud must take that payload.
+    """
+    try:
+        shapes = [(2, *p["shape"]) for p in manifest["payload"]]
+        dtypes = [_DTYPES[p["dtype"]] for p in manifest["payload"]]
+        input_shape = (2, *manifest["input_shape"])
+    except (TypeError, KeyError):
+        raise SplitVerificationError(f"{MANIFEST}: input_shape or payload is malformed.") from None
+    with torch.inference_mode():
+        if edge is not None:
+            try:
+                _, _, *payload = edge(torch.zeros(input_shape))
+            except Exception as exc:
+                raise SplitVerificationError(f"edge.pt2 does not run on {MANIFEST}'s input_shape "
+                                             f"{list(input_shape[1:])}: {exc}") from None
+            check_payload(manifest, [(p.shape[1:], str(p.dtype).replace("torch.", "")) for p in payload], "edge.pt2")
+        if cloud is not None:
+            try:
+                cloud(*[torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)])
+            except Exception as exc:
+                raise SplitVerificationError(f"cloud.pt2 does not take the payload {MANIFEST} lists: {exc}") from None

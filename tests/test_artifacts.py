@@ -1,6 +1,7 @@
 """Split artifacts that cannot run code when loaded, verified end to end (earlin_sklearn._export)."""
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -238,3 +239,190 @@ def test_manifest_reads_are_bounded(split, tmp_path, kind):
     with pytest.raises(SplitVerificationError):
         load_split(directory)
     assert time.perf_counter() - t0 < 5
+
+
+def _edit_model_json(change):
+    def edit(raw):
+        program = json.loads(raw)
+        change(program)
+        return json.dumps(program).encode()
+    return edit
+
+
+def _guards(marker):
+    def change(program):
+        program["guards_code"] = [f"__import__('os').makedirs({str(marker)!r}) is None"]
+    return change
+
+
+def _sympify(marker):
+    def change(program):
+        for meta in program["graph_module"]["graph"]["tensor_values"].values():
+            for size in meta["sizes"]:
+                if "as_expr" in size:
+                    size["as_expr"]["expr_str"] = f"__import__('os').makedirs({str(marker)!r}) or {size['as_expr']['expr_str']}"
+                    return
+        raise AssertionError("the edge program has no symbolic size to craft")
+    return change
+
+
+def _arg_names(marker):
+    def change(program):
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        signature["forward_arg_names"] = [f"x=__import__('os').makedirs({str(marker)!r})"]
+    return change
+
+
+def _target(marker):
+    def change(program):  # torch resolves any torch.* name; torch.os is the os module
+        nodes = program["graph_module"]["graph"]["nodes"]
+        nodes.insert(0, {"target": "torch.os.makedirs", "inputs": [{"name": "name", "arg": {"as_string": str(marker)},
+                         "kind": 1}], "outputs": [{"as_none": True}], "metadata": {}, "name": "evil"})
+    return change
+
+
+def _unknown_field(marker):
+    def change(program):
+        program["graph_module"]["graph"]["nodes"][0]["extra"] = str(marker)
+    return change
+
+
+@pytest.mark.parametrize("route", ["guards_code", "sympify", "forward_arg_names", "node target", "unknown field"])
+def test_code_in_the_program_json_is_refused(split, tmp_path, route):
+    """A rewritten model.json (re-hashed, unsigned) that torch would execute: refused by load_split, the edge
+    runtime and the server, before torch sees it; no code runs."""
+    craft = {"guards_code": _guards, "sympify": _sympify, "forward_arg_names": _arg_names, "node target": _target,
+             "unknown field": _unknown_field}[route]
+    directory = copy_split(split, tmp_path)
+    marker = tmp_path / "ran"
+    rewrite_member(directory / "edge.pt2", "models/model.json", _edit_model_json(craft(marker)))
+    rewrite_manifest(directory, files=["edge.pt2"])
+    with pytest.raises(SplitVerificationError, match="model.json"):
+        load_split(directory, parts=("edge",))
+    from earlin_sklearn.edge import load_edge_program
+
+    with pytest.raises(SplitVerificationError, match="model.json"):
+        load_edge_program(directory, runtime="torch")
+    if importlib.util.find_spec("fastapi") is not None:
+        from earlin_sklearn._server import create_cloud_app
+
+        with pytest.raises(SplitVerificationError, match="model.json"):
+            create_cloud_app(directory)
+    assert not marker.exists()
+    if route in ("guards_code", "sympify"):  # the crafted file is live: torch itself runs it
+        torch.export.load(directory / "edge.pt2").module()(split["X"][:2])
+        assert marker.exists()
+
+
+def test_zip_tricks_are_refused(split, tmp_path, monkeypatch):
+    from earlin_sklearn import _pt2
+
+    directory = copy_split(split, tmp_path)
+    original = (directory / "edge.pt2").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(original)) as z:
+        json_name = next(n for n in z.namelist() if n.endswith("models/model.json"))
+        program = z.read(json_name)
+
+    def check(data, match):
+        (directory / "edge.pt2").write_bytes(data)
+        rewrite_manifest(directory, files=["edge.pt2"])
+        with pytest.raises(SplitVerificationError, match=match):
+            load_split(directory, parts=("edge",))
+
+    # two members of one name: zipfile reads the last, torch the first
+    buffer = io.BytesIO(original)
+    with zipfile.ZipFile(buffer, "a") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr(json_name, program)
+    check(buffer.getvalue(), "two members of one name")
+    # a compressed member (torch.export.save stores every member)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(original)) as src, zipfile.ZipFile(buffer, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    check(buffer.getvalue(), "compressed")
+    # a JSON member over the bound (whitespace is valid JSON): refused before it is parsed
+    monkeypatch.setattr(_pt2, "MAX_JSON_BYTES", len(program) + 10)
+    (directory / "edge.pt2").write_bytes(original)
+    rewrite_member(directory / "edge.pt2", "models/model.json", lambda raw: raw + b" " * 100)
+    check((directory / "edge.pt2").read_bytes(), "over")
+    # a duplicate JSON key (parsers disagree on which wins)
+    monkeypatch.undo()
+    (directory / "edge.pt2").write_bytes(original)
+    rewrite_member(directory / "edge.pt2", "models/model.json", lambda raw: b'{"guards_code": [], ' + raw.lstrip()[1:])
+    check((directory / "edge.pt2").read_bytes(), "duplicate key")
+
+
+def test_symbolic_expression_grammar():
+    from earlin_sklearn._pt2 import _Refused, check_sym_expr
+
+    for good in ["Symbol('s77', positive=True, integer=True)", "Integer(4)", "3",
+                 "Mul(Integer(2), Symbol('s0', positive=True, integer=True))",
+                 "FloorDiv(Add(Symbol('s1', integer=True), Integer(-1)), Integer(2))"]:
+        check_sym_expr(good)
+    for bad in ["__import__('os')", "Symbol('s0').__class__", "Pow(Integer(9), Integer(99999999))",
+                "Symbol('x; import os', integer=True)", "Symbol('s0', evaluate=True)", "Integer(1) Integer(2)",
+                "Add(" * 40 + "1" + ")" * 40, "lambda: 0", "Integer(1" + "0" * 40 + ")", "S.Infinity"]:
+        with pytest.raises(_Refused):
+            check_sym_expr(bad)
+
+
+@pytest.mark.parametrize("edit", ["shape", "dtype", "one payload more", "input shape"])
+def test_a_manifest_that_disagrees_with_its_files_is_refused_at_start(split, tmp_path, edit):
+    """Resealed over the same files, a manifest with another cut is refused by load_split, the server and the
+    edge runtimes at start (it used to start and answer 500 to every request)."""
+    X = split["X"]
+    directory = tmp_path / "split"
+    save_split(*split["det"].export_split(), directory, X[:4], formats=("pt2", "onnx"))
+
+    def change(manifest):
+        payload = manifest["payload"]
+        if edit == "shape":
+            payload[0]["shape"] = [payload[0]["shape"][0] + 1, *payload[0]["shape"][1:]]
+        elif edit == "dtype":
+            payload[0]["dtype"] = "float16"
+        elif edit == "one payload more":
+            payload.append(dict(payload[0], name="payload_9"))
+        else:
+            manifest["input_shape"] = [3, 8, 8]
+
+    rewrite_manifest(directory, change)
+    with pytest.raises(SplitVerificationError, match="split.json"):
+        load_split(directory)
+    with pytest.raises(SplitVerificationError, match="split.json"):
+        load_split(directory, parts=("edge",) if edit != "dtype" else ("cloud", "edge"))
+    from earlin_sklearn.edge import load_edge_program
+
+    with pytest.raises(SplitVerificationError, match="split.json"):
+        load_edge_program(directory, runtime="onnxruntime")
+    if importlib.util.find_spec("fastapi") is not None:
+        from earlin_sklearn._server import create_cloud_app
+
+        with pytest.raises(SplitVerificationError, match="split.json"):
+            create_cloud_app(directory)
+
+
+def test_an_onnx_edge_naming_external_data_is_refused(tmp_path):
+    """An unsigned split whose edge.onnx (rewritten, re-hashed) keeps a weight in a file of its own choosing:
+    refused, and the file is never read (ONNX Runtime, given bytes, has no folder to read it from)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, numpy_helper
+
+    from earlin_sklearn.edge import load_edge_program
+
+    X, y = make_images(40)
+    directory = tmp_path / "split"
+    save_split(*ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X).export_split(), directory,
+               torch.from_numpy(X[:2]), formats=("onnx",))
+    model = onnx.load_from_string((directory / "edge.onnx").read_bytes())
+    weight = next(t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) > 1)
+    (directory / "weights.bin").write_bytes(numpy_helper.to_array(weight).tobytes())
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", str((directory / "weights.bin").stat().st_size))):
+        weight.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+    (directory / "edge.onnx").write_bytes(model.SerializeToString())
+    rewrite_manifest(directory, files=["edge.onnx"])
+    with pytest.raises(SplitVerificationError, match="edge.onnx: ONNX Runtime cannot load it"):
+        load_edge_program(directory, runtime="onnxruntime")

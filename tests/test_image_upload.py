@@ -71,7 +71,18 @@ def test_runner_uploads_camera_images_and_gets_the_models_answers(served, tmp_pa
             assert agree >= 0.9, agree
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated", "wrong size", "gif", "format mismatch", "batch 2"])
+def _png_header(width, height, crc_ok=True):
+    """A PNG signature and IHDR chunk declaring ``width`` x ``height`` (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    crc = zlib.crc32(b"IHDR" + ihdr) ^ (0 if crc_ok else 1)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", crc)
+
+
+@pytest.mark.parametrize("case", ["garbage", "truncated", "wrong size", "gif", "format mismatch", "batch 2",
+                                  "bomb header", "bad checksum"])
 def test_bad_image_files_get_a_4xx(served, case):
     image = camera_images(1)[0]
     h = headers(served["dir"], "png")
@@ -90,6 +101,10 @@ def test_bad_image_files_get_a_4xx(served, case):
         body = buffer.getvalue()
     elif case == "format mismatch":
         body = encode_image(image, "jpeg")
+    elif case == "bomb header":  # 400 million pixels declared: Pillow raises DecompressionBombError on open
+        body = _png_header(20000, 20000) + body[33:]
+    elif case == "bad checksum":  # Pillow raises SyntaxError ("broken PNG file")
+        body = _png_header(32, 32, crc_ok=False) + body[33:]
     else:
         h["X-Earlin-Batch"] = "2"
     r = httpx.post(served["urls"]["split"] + "/v1/raw", content=body, headers=h)

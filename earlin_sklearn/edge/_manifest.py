@@ -78,15 +78,16 @@ def seal(document, key=None):
     return document
 
 
-def check_seal(document, key, path, writer):
-    """Refuse a document (read from ``path``, written by ``writer``) modified since, or not signed with ``key``."""
+def check_seal(document, key, path, writer, error=SplitVerificationError):
+    """Refuse (raise ``error``) a document read from ``path``, written by ``writer``, modified since or not signed
+    with ``key``."""
     if document.get("version") != hashlib.sha256(canonical(document)).hexdigest():
-        raise SplitVerificationError(f"{path} was modified after {writer} wrote it (its version does not match "
+        raise error(f"{path} was modified after {writer} wrote it (its version does not match "
                                      "its contents); refusing it.")
     if key is not None:
         signature = document.get("signature")
         if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(document, key)):
-            raise SplitVerificationError(f"{path} is {'not signed' if signature is None else 'signed with another key'}: "
+            raise error(f"{path} is {'not signed' if signature is None else 'signed with another key'}: "
                                          "refusing a file its owner did not sign.")
 
 
@@ -135,3 +136,23 @@ def verified_bytes(directory, manifest, name):
         raise SplitVerificationError(f"{path} does not match its sha256 in {MANIFEST} (swapped, truncated or "
                                      "modified); refusing it.")
     return data
+
+
+def check_payload(manifest, payload, program):
+    """Refuse a split whose ``program`` sends another payload than its manifest lists.
+
+    ``payload`` is what the program returned after ``(is_id, score)`` for a
+    zero input of the manifest's ``input_shape``, as ``(shape without the
+    batch dimension, dtype name)`` pairs. A manifest resealed over another
+    split's files, or with its payload edited, is refused here at start,
+    not with a 500 at the first request.
+    """
+    spec = manifest.get("payload")
+    try:
+        expected = [(list(p["shape"]), str(p["dtype"])) for p in spec]
+    except (TypeError, KeyError):
+        raise SplitVerificationError(f"{MANIFEST}: payload is malformed.") from None
+    got = [(list(shape), str(dtype)) for shape, dtype in payload]
+    if got != expected:
+        raise SplitVerificationError(f"{program} sends the payload {got}, but {MANIFEST} lists {expected}: the "
+                                     "manifest does not describe these files; refusing the split.")

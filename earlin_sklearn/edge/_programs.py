@@ -13,7 +13,7 @@ import importlib.util
 import numpy as np
 
 from ..exceptions import SplitVerificationError
-from ._manifest import read_manifest, verified_bytes
+from ._manifest import check_payload, read_manifest, verified_bytes
 
 RUNTIMES = ("executorch", "onnxruntime", "torch")  # the order "auto" prefers them: device runtimes first
 PRECISIONS = ("float32", "int8")
@@ -116,7 +116,11 @@ class EdgeProgram:
 
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            try:  # from bytes: ONNX Runtime then refuses external data (it would read files the manifest does not seal)
+                session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime's own Fail/InvalidGraph types
+                raise SplitVerificationError(f"{name}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]}); "
+                                             "refusing it.") from None
             feed = session.get_inputs()[0].name
             self._run = lambda x: session.run(None, {feed: x})
         elif self.runtime == "executorch":
@@ -124,7 +128,7 @@ class EdgeProgram:
 
             self._run = ExecuTorchProgram(data, self.threads)
         else:  # PyTorch: the .pt2 after the same code-free check as load_split
-            from .._export import load_pt2
+            from .._pt2 import load_pt2
 
             module = load_pt2(name, data)
             import torch
@@ -187,4 +191,11 @@ def load_edge_program(split_dir, runtime="auto", precision="auto", key=None, thr
     manifest = read_manifest(split_dir, key) if manifest is None else manifest
     name = choose_program(manifest, runtime, precision)
     info = edge_programs(manifest)[name]
-    return manifest, EdgeProgram(name, info, verified_bytes(split_dir, manifest, name), threads=threads)
+    program = EdgeProgram(name, info, verified_bytes(split_dir, manifest, name), threads=threads)
+    try:  # one zero input of the manifest's shape: the program and the manifest must agree on the cut
+        outs = program._run(np.zeros((program.batch or 1, *manifest["input_shape"]), np.float32))
+    except Exception as exc:
+        raise SplitVerificationError(f"{name} does not run on split.json's input_shape "
+                                     f"{manifest.get('input_shape')}: {exc}") from None
+    check_payload(manifest, [(np.shape(o)[1:], np.asarray(o).dtype.name) for o in outs[2:]], name)
+    return manifest, program

@@ -192,11 +192,13 @@ def decode_image(body, fmt, input_shape, preprocessing):
     the model's input (a decompression bomb), is refused before its pixels
     are decoded.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    # Pillow's decoders raise many types for hostile files (OSError, SyntaxError, EOFError, struct.error,
+    # zlib.error, DecompressionBombError, ...): every one is a malformed upload, answered with a 4xx
     try:
         img = Image.open(io.BytesIO(body))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except Exception as exc:
         raise ValueError(f"the body is not a readable image file: {exc}") from None
     if img.format != ("PNG" if fmt == "png" else "JPEG"):
         raise ValueError(f"the body is a {img.format} file; the {HEADER_ENCODING} header says {fmt}.")
@@ -205,6 +207,6 @@ def decode_image(body, fmt, input_shape, preprocessing):
         raise ValueError(f"the image is {img.size[0]}x{img.size[1]}; the model takes {w}x{h}.")
     try:
         pixels = np.asarray(img.convert("RGB" if c == 3 else "L"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # truncated or corrupt pixel data
+    except Exception as exc:  # truncated or corrupt pixel data
         raise ValueError(f"the image file is damaged: {exc}") from None
     return preprocess(pixels, input_shape, preprocessing)[None]
