@@ -31,6 +31,7 @@ _EXPORTS = {
     "CloudHead": "._two_stage",
     "SplitCost": "._cost",
     "SplitVerificationError": ".exceptions",
+    "DetectorFileError": ".exceptions",
     "available_split_points": "._split",
     "collaborative_cost": "._cost",
     "create_cloud_app": "._server",

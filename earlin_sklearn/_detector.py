@@ -217,7 +217,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
                 gaussianize = fit_power_transform(raw.sample_rows)
                 if raw.n_rows <= raw.reservoir_size:  # the sample holds every row: no second pass
                     rows, labels = raw.ordered_sample()
-                    moments = FeatureMoments(raw.n_features, n_folds).update(power_transform(gaussianize, rows), labels)
+                    moments = FeatureMoments(raw.n_features, n_folds).update(power_transform(gaussianize, rows, owner), labels)
                 else:  # pass 2 over the kept features (or, on Dask, the data again)
                     moments = run_pass(gaussianize, n_folds, "full")
         finally:
@@ -262,18 +262,35 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             y = None if any(yb is None for _, yb in parts) else np.concatenate([yb for _, yb in parts])
             gaussianize = "passthrough" if self.gaussianize is None else fit_power_transform(F)
             moments = FeatureMoments(F.shape[1], self.threshold_cv or 1)
-            moments.update(power_transform(gaussianize, F), y)
+            moments.update(power_transform(gaussianize, F, owner), y)
             self._set_fitted(features, gaussianize, moments)
             return self
         check_is_fitted(self, "pipeline_")
         features, gaussianize = self.pipeline_["features"], self.pipeline_["gaussianize"]
+        self._check_same_structure(features, gaussianize)
         if not is_torch_data(X):
             X = validate_images(self, X, reset=False, input_shape=features.input_shape_)
         check_label_count(X, y, owner)
         for F, yb in with_labels(features._pooled_batches(X, owner), y, owner):
-            self.moments_.update(power_transform(gaussianize, F), yb)
+            self.moments_.update(power_transform(gaussianize, F, owner), yb)
         self._set_fitted(features, gaussianize, self.moments_)
         return self
+
+    def _check_same_structure(self, features, gaussianize):
+        """Refuse a ``partial_fit`` after ``set_params`` changed what the statistics so far were computed from."""
+        now = self._features()
+        changed = [name for name in ("layer", "pooling", "layout", "extra_layers", "precision")
+                   if getattr(now, name) != getattr(features, name)]
+        if now.backbone is not features.backbone:
+            changed.insert(0, "backbone")
+        if (self.gaussianize is None) != (isinstance(gaussianize, str) and gaussianize == "passthrough"):
+            changed.append("gaussianize")
+        if changed:
+            raise ValueError(
+                f"{type(self).__name__}.partial_fit: {', '.join(changed)} changed (set_params) since the first "
+                "partial_fit call, and the statistics gathered so far come from the old value. Call fit to start "
+                "again with the new one, or set it back."
+            )
 
     def _features(self):
         extra_layers = resolve_extra_layers(self.backbone, self.layer, self.extra_layers)
@@ -348,11 +365,15 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             X = validate_images(self, X, reset=False, input_shape=self.pipeline_["features"].input_shape_)
         F = self.pipeline_["features"]._features_and_labels(X, type(self).__name__)[0]
         # finite images whose activations overflow are as far from ID as can be: -inf (the edge head agrees)
-        finite = np.isfinite(F).all(axis=1)
+        # and so are features that overflow in the power transform (x ** lambda): the edge head answers OOD too
         scores = np.full(F.shape[0], -np.inf)
-        if finite.any():
-            with np.errstate(over="ignore", invalid="ignore"):
-                scores[finite] = self.pipeline_[1:].score_samples(F[finite])
+        finite = np.flatnonzero(np.isfinite(F).all(axis=1))
+        if finite.size:
+            G = power_transform(self.pipeline_["gaussianize"], F[finite])
+            kept = np.isfinite(G).all(axis=1)
+            if kept.any():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    scores[finite[kept]] = self.pipeline_[2:].score_samples(G[kept])
         return scores
 
     def export_split(self):

@@ -1,6 +1,7 @@
 """Image inputs: arrays, tensors, torch Datasets and DataLoaders, read as batches."""
 
 import warnings
+from collections.abc import Iterator
 from numbers import Number
 
 import numpy as np
@@ -104,11 +105,11 @@ def batch_labels(y, n, owner):
     return y
 
 
-def warn_uint8(stacklevel):
-    """The one warning for uint8 images, from the array path and the loader path alike."""
+def warn_integer_pixels(dtype, stacklevel):
+    """The one warning for integer images (uint8, int32, ...), from the array path and the loader path alike."""
     warnings.warn(
-        "Got uint8 images: they are fed to the model as floats in [0, 255]. "
-        "Scale and normalize them as the model was trained.",
+        f"Got {str(dtype).replace('torch.', '')} images: their integer pixels are fed to the model as floats "
+        "(e.g. in [0, 255]). Scale and normalize them as the model was trained.",
         EarlinWarning,
         stacklevel=stacklevel + 1,
     )
@@ -145,11 +146,11 @@ def check_rank_and_channels(shape, owner, input_shape):
 
 
 def check_batch(x, owner, index, input_shape):
-    """A loader's batch: the fitted image shape, no NaN/inf; uint8 warns."""
+    """A loader's batch: the fitted image shape, no NaN/inf; integer pixels warn."""
     check_rank_and_channels(tuple(x.shape), owner, tuple(input_shape))
     check_image_shape(x.shape[1:], owner, index, input_shape)
-    if x.dtype == torch.uint8:
-        warn_uint8(stacklevel=4)
+    if not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+        warn_integer_pixels(x.dtype, stacklevel=4)
     elif x.is_floating_point() and not torch.isfinite(x).all():
         raise non_finite_images(owner, bool(torch.isnan(x).any()), f" (batch {index})")
 
@@ -180,6 +181,14 @@ def non_finite_images(owner, has_nan, where=""):
                       "a finite number (drop those images, or replace the missing pixels before passing them).")
 
 
+def refuse_iterators(estimator, X):
+    """A generator or iterator of images cannot be read twice (nor its length known): say what to pass instead."""
+    if isinstance(X, Iterator):
+        raise ValueError(f"{type(estimator).__name__} got a {type(X).__name__} of images, which can be read only "
+                         "once: pass an array (np.stack(list(images))), a torch Dataset or a DataLoader (an "
+                         "IterableDataset streams).")
+
+
 def validate_images(estimator, X, reset, input_shape=None):
     """Validate an image array (or tensor) ``(N, C, H, W)`` with scikit-learn's checks.
 
@@ -188,7 +197,10 @@ def validate_images(estimator, X, reset, input_shape=None):
     rank or channel count is refused in image terms first.
     """
     if isinstance(X, torch.Tensor):
+        if X.is_floating_point() and X.dtype not in (torch.float16, torch.float32, torch.float64):
+            X = X.float()  # bfloat16 (and float8) have no numpy type; float32 holds them exactly
         X = X.detach().cpu().numpy()
+    refuse_iterators(estimator, X)
     if input_shape is not None:
         shape = X.shape if hasattr(X, "shape") else np.asarray(X).shape
         check_rank_and_channels(tuple(shape), type(estimator).__name__, tuple(input_shape))
@@ -196,18 +208,22 @@ def validate_images(estimator, X, reset, input_shape=None):
     # a float64 sum of float32 pixels is finite exactly when every pixel is; a float64 one may overflow: then look
     if X.dtype.kind == "f" and not np.isfinite(np.sum(X, dtype=np.float64)) and not np.isfinite(X).all():
         raise non_finite_images(type(estimator).__name__, bool(np.isnan(X).any()))
-    if X.dtype == np.uint8:
-        warn_uint8(stacklevel=3)
+    if X.dtype.kind in "iu":
+        warn_integer_pixels(X.dtype, stacklevel=3)
     return X
 
 
 def to_model_input(x, device, dtype):
-    """A batch as a tensor on ``device`` in ``dtype`` (read-only arrays are copied first)."""
+    """A batch as a tensor on ``device`` in ``dtype``, never sharing memory with ``x`` (the caller's data)."""
     from ._torch import to_device
 
-    if isinstance(x, np.ndarray) and not x.flags.writeable:
-        x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) without a warning
-    return to_device(torch.as_tensor(x), device, dtype)
+    if isinstance(x, np.ndarray) and (not x.flags.writeable or any(st < 0 for st in x.strides)):
+        x = x.copy()  # torch refuses to wrap read-only memory (e.g. a memmap) or negative strides (X[::-1])
+    source = torch.as_tensor(x)
+    t = to_device(source, device, dtype)
+    if t.device == source.device and t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        t = t.clone()  # a backbone may edit its input in place (an inplace first op): never the caller's images
+    return t
 
 
 def validate_fit_images(estimator, X, batch_size):
@@ -220,6 +236,7 @@ def validate_fit_images(estimator, X, batch_size):
         sample = first_input(X, batch_size, type(estimator).__name__)
         estimator.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         return X, sample
+    refuse_iterators(estimator, X)
     if X is None or isinstance(X, (Number, str, bytes)) or getattr(X, "ndim", None) == 0:
         raise ValueError(f"{type(estimator).__name__}.fit takes ID images, an array or tensor of shape "
                          f"(N, C, H, W), a torch Dataset or a DataLoader; got {type(X).__name__} {X!r:.40}.")

@@ -37,11 +37,33 @@ def fit_power_transform(F):
     return transform
 
 
-def power_transform(gaussianize, F):
+def power_transform(gaussianize, F, owner=None):
+    """The fitted Yeo-Johnson transform of features ``F``.
+
+    ``x ** lambda`` can overflow for finite features far outside the ID
+    range. In a fit (``owner`` given) that is refused with a clear error; in
+    scoring those rows come back as ``inf``, which scores as far from ID as
+    can be (the exported edge head answers OOD for them too).
+    """
     if gaussianize == "passthrough":
         return F
     with np.errstate(over="ignore", invalid="ignore"):
-        return gaussianize.transform(F)
+        try:
+            return gaussianize.transform(F)
+        except ValueError as exc:  # the transform's own scaler refuses the inf it produced
+            if "infinity" not in str(exc):
+                raise
+            if owner is not None:
+                raise ValueError(f"{owner}: the power transform (gaussianize) overflowed on these images' features: "
+                                 "their activations lie far outside those of the first ID images. Check their "
+                                 "scale and normalization.") from None
+            out = np.full(F.shape, np.inf)
+            for i in range(F.shape[0]):  # only batches holding such a row take this path
+                try:
+                    out[i] = gaussianize.transform(F[i : i + 1])[0]
+                except ValueError:
+                    pass
+            return out
 
 
 def with_labels(batches, y, owner):
@@ -96,7 +118,8 @@ class LocalPasses:
             if keep:
                 self.spill = FeatureSpill()
                 batches = kept(batches, self.spill)
-        return accumulate(FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter), batches, transform)
+        return accumulate(FeatureMoments(self.features._n_features_out, n_folds, scatter=scatter), batches, transform,
+                          self.owner)
 
     def close(self):
         if self.spill is not None:
@@ -109,8 +132,8 @@ def kept(batches, spill):
         yield F, y
 
 
-def accumulate(moments, batches, transform):
+def accumulate(moments, batches, transform, owner="ShallowFeatureOODDetector"):
     """Add ``(features, labels)`` batches, power-transformed by ``transform`` when it is not None."""
     for F, y in batches:
-        moments.update(F if transform is None else power_transform(transform, F), y)
+        moments.update(F if transform is None else power_transform(transform, F, owner), y)
     return moments

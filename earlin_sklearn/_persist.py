@@ -19,6 +19,7 @@ the weights the user's backbone already has must hash to the stored value.
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,15 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
 from ._export import check_seal, seal
+from .edge._manifest import MAX_ARTIFACT_BYTES, read_regular_file
+from .exceptions import DetectorFileError, SplitVerificationError
 from ._torch import available_device, frozen_copy
 
 FORMAT = "earlin-estimator/1"
 JSON_FILE = "estimator.json"
 TENSOR_FILE = "tensors.safetensors"
 _WEIGHTS = "backbone."
+MAX_JSON_BYTES = 256 << 20  # estimator.json holds scalars and structure; arrays are in the tensor file
 
 
 def _allowed():
@@ -200,9 +204,13 @@ def load_detector(directory, backbone, key=None):
 
     Raises
     ------
-    ValueError
-        If a file was modified, the backbone does not match, or the files
-        name a class that is not on the allow-list.
+    FileNotFoundError
+        If the folder has no ``estimator.json``.
+    DetectorFileError
+        (a ValueError) If a file is malformed, modified, unsigned (with
+        ``key``), a link or not a regular file, names a class that is not on
+        the allow-list, holds a non-finite threshold or centroid, does not
+        fit the backbone, or cannot score an input of its own fitted shape.
 
     Examples
     --------
@@ -218,32 +226,109 @@ def load_detector(directory, backbone, key=None):
     >>> bool(np.array_equal(same.predict(X), det.predict(X)))
     True
     """
-    from safetensors.torch import load as load_tensors
-
     directory = Path(directory)
-    document = json.loads((directory / JSON_FILE).read_text())
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ValueError(f"{directory / JSON_FILE} is not an {FORMAT!r} file.")
-    check_seal(document, key, directory / JSON_FILE, "save_detector")  # the JSON too, not only the tensors
-    blob = (directory / TENSOR_FILE).read_bytes()
-    if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), str(document.get("tensors_sha256"))):
-        raise ValueError(f"{directory / TENSOR_FILE} does not match its sha256 in {JSON_FILE}; refusing it.")
-    tensors = load_tensors(blob)
     if not isinstance(backbone, torch.nn.Module):
         raise TypeError(f"backbone must be a torch.nn.Module (the architecture); got {type(backbone).__name__}.")
+    try:
+        estimator = _load(directory, backbone, key)
+    except DetectorFileError:
+        raise
+    except SplitVerificationError as exc:  # the bounded reads' refusals (links, FIFOs, oversize files)
+        raise DetectorFileError(str(exc)) from None
+    except (KeyError, IndexError, TypeError, AttributeError, RecursionError, UnicodeDecodeError,
+            json.JSONDecodeError) as exc:
+        raise DetectorFileError(f"{directory} is not a detector folder save_detector wrote (malformed: "
+                                f"{type(exc).__name__}: {exc}); refusing it.") from None
+    _check_loaded(estimator, directory)
+    return estimator
+
+
+def _load(directory, backbone, key):
+    from safetensors.torch import load as load_tensors
+
+    path = directory / JSON_FILE
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} not found: pass a folder written by earlin_sklearn.save_detector.")
+    document = json.loads(read_regular_file(path, MAX_JSON_BYTES).decode("utf-8"))
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise DetectorFileError(f"{path} is not an {FORMAT!r} file.")
+    check_seal(document, key, path, "save_detector", error=DetectorFileError)  # the JSON too, not only the tensors
+    blob = read_regular_file(directory / TENSOR_FILE, MAX_ARTIFACT_BYTES)
+    if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), str(document.get("tensors_sha256"))):
+        raise DetectorFileError(f"{directory / TENSOR_FILE} does not match its sha256 in {JSON_FILE}; refusing it.")
+    try:
+        tensors = load_tensors(blob)
+    except Exception as exc:  # safetensors' own error type for a malformed header
+        raise DetectorFileError(f"{directory / TENSOR_FILE} is not a safetensors file ({exc}); refusing it.") from None
     if document["includes_weights"]:
         state = {k[len(_WEIGHTS):]: v for k, v in tensors.items() if k.startswith(_WEIGHTS)}
         try:
             backbone.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"The saved weights do not fit this backbone ({type(backbone).__name__}; saved: "
-                             f"{document['backbone_class']}): {str(exc).splitlines()[0]}") from None
+            raise DetectorFileError(f"The saved weights do not fit this backbone ({type(backbone).__name__}; saved: "
+                                    f"{document['backbone_class']}): {str(exc).splitlines()[0]}") from None
     digest = weights_digest(backbone)
-    if not hmac.compare_digest(digest, document["backbone_sha256"]):
-        raise ValueError("This backbone's weights are not the ones the detector was fitted with "
-                         f"(sha256 {digest[:12]}..., saved {document['backbone_sha256'][:12]}...).")
+    if not hmac.compare_digest(digest, str(document["backbone_sha256"])):
+        raise DetectorFileError("This backbone's weights are not the ones the detector was fitted with "
+                                f"(sha256 {digest[:12]}..., saved {str(document['backbone_sha256'])[:12]}...).")
     decoder = _Decoder({k: v.numpy() for k, v in tensors.items() if not k.startswith(_WEIGHTS)}, backbone)
     return decoder.decode(document["estimator"])
+
+
+def _check_loaded(estimator, directory):
+    """Refuse a loaded estimator with a non-finite threshold or centroid, or one that cannot score its own input."""
+    for est in _estimators(estimator):
+        for name in ("offset_", "centroids_", "precision_", "whitening_"):
+            value = est.__dict__.get(name)
+            if value is not None and not np.isfinite(np.asarray(value, dtype=float)).all():
+                raise DetectorFileError(f"{directory}: {type(est).__name__}.{name} is not finite, which no fit "
+                                        "writes (a threshold of -inf would accept everything); refusing it.")
+        centroids = est.__dict__.get("centroids_")
+        if centroids is not None:  # a distance step: its arrays must agree on the feature count
+            d = np.shape(centroids)[-1]
+            wrong = [name for name, want in (("precision_", (d, d)), ("whitening_", (d, d)))
+                     if est.__dict__.get(name) is not None and np.shape(est.__dict__[name]) != want]
+            if np.ndim(centroids) != 2 or wrong or getattr(est, "n_features_in_", d) != d:
+                raise DetectorFileError(f"{directory}: {type(est).__name__}'s fitted arrays disagree on the "
+                                        f"feature count (centroids {np.shape(centroids)}, "
+                                        f"{', '.join(wrong) or 'n_features_in_'}); refusing it.")
+    shape = _input_shape(estimator)
+    if shape is not None and hasattr(estimator, "score_samples"):
+        try:
+            scores = estimator.score_samples(np.zeros((1, *shape), np.float32))
+            if np.shape(scores) != (1,):
+                raise ValueError(f"{np.shape(scores)} scores for one input")
+        except Exception as exc:
+            raise DetectorFileError(f"{directory}: the loaded {type(estimator).__name__} cannot score an input of "
+                                    f"its own fitted shape {tuple(shape)} ({type(exc).__name__}: {exc}); its "
+                                    "fitted arrays disagree with one another. Refusing it.") from None
+
+
+def _estimators(root):
+    """``root`` and every estimator inside it (pipeline steps, detectors' parts), each once."""
+    seen, stack = [], [root]
+    while stack:
+        est = stack.pop()
+        if any(est is s for s in seen) or not hasattr(est, "__dict__") or isinstance(est, (torch.nn.Module, type)):
+            continue
+        seen.append(est)
+        for value in est.__dict__.values():
+            items = value.steps if isinstance(value, Pipeline) else [value]
+            for item in items:
+                item = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+                if hasattr(item, "get_params"):
+                    stack.append(item)
+    return seen
+
+
+def _input_shape(estimator):
+    """The shape of one input the fitted estimator takes, without the batch axis (None when unknown)."""
+    pipeline = getattr(estimator, "pipeline_", None)
+    if pipeline is not None and hasattr(pipeline[0], "input_shape_"):
+        return tuple(pipeline[0].input_shape_)
+    if hasattr(estimator, "input_shape_"):
+        return tuple(estimator.input_shape_)
+    return None  # a LogitDetector does not record its input size
 
 
 class _Decoder:
@@ -273,7 +358,7 @@ class _Decoder:
         if "__estimator__" in value:
             cls = self.allowed.get(value["__estimator__"])
             if cls is None:
-                raise ValueError(f"The file names {value['__estimator__']!r}, which is not an estimator this "
+                raise DetectorFileError(f"The file names {value['__estimator__']!r}, which is not an estimator this "
                                  "loader rebuilds; refusing it.")
             est = cls.__new__(cls)
             state = {k: self.decode(v) for k, v in value["state"].items()}
@@ -288,4 +373,4 @@ class _Decoder:
                     state[k] = self.frozen[str(device)]
             est.__dict__.update(state)
             return est
-        raise ValueError(f"Unexpected entry in the estimator file: {sorted(value)[:3]}.")
+        raise DetectorFileError(f"Unexpected entry in the estimator file: {sorted(value)[:3]}.")

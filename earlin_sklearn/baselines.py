@@ -178,6 +178,10 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
             x = self._odin_perturb(x, T)
         with torch.inference_mode():
             logits = self.model_(x)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            got = f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{type(self).__name__} scores the model's logits, a tensor (N, classes); the model returns "
+                             f"{got}. Pass a classifier, or use ShallowFeatureOODDetector on a layer of this model.")
         return logit_score(logits, self.method, T).cpu().numpy()
 
     def _odin_perturb(self, x, T):

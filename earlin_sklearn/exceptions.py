@@ -12,3 +12,7 @@ class EarlinWarning(UserWarning):
 
 class SplitVerificationError(ValueError):
     """A split directory that does not match its manifest or its signature, or that holds code."""
+
+
+class DetectorFileError(ValueError):
+    """A detector folder (from ``save_detector``) that is malformed, modified, not signed, or inconsistent."""

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from earlin_sklearn import (BackboneFeatures, ChannelSelector, DistanceDetector, EarlinWarning,
                             ShallowFeatureOODDetector, load_split)
-from earlin_sklearn.baselines import KNNDetector
+from earlin_sklearn.baselines import KNNDetector, LogitDetector
 
 from .conftest import make_images, make_tiny_cnn
 
@@ -81,6 +81,26 @@ def works(check):
     return ("works", None, check)
 
 
+def _predict_with_inplace_backbone():
+    """A backbone whose first op is in place (x.mul_): the caller's float32 array must come back unchanged."""
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_tiny_cnn()
+
+        def forward(self, x):
+            x.mul_(2.0)
+            return self.net(x)
+
+    X = _X().copy()
+    before = X.copy()
+    det = ShallowFeatureOODDetector(InPlace(), "net.layer1", device="cpu").fit(X)
+    det.predict(X)
+    det.score_samples(torch.from_numpy(X))
+    det.fit(_loader(torch.from_numpy(X)))
+    return np.array_equal(X, before)
+
+
 ROWS = {
     # --- fit: what X is --------------------------------------------------------------------------------
     "fit: None": (lambda: _det().fit(None), raises(ValueError, f"{OWNER}.fit takes ID images")),
@@ -99,6 +119,13 @@ ROWS = {
     "fit: a read-only array": (lambda: _det().fit(np.lib.stride_tricks.as_strided(_X(), writeable=False)),
                                works(_is_detector)),
     "fit: uint8 images": (lambda: _det().fit((_X() * 255).astype(np.uint8)), warns("uint8", lambda e: True)),
+    "fit: int32 pixel images": (lambda: _det().fit((_X() * 255).astype(np.int32)), warns("int32 images", lambda e: True)),
+    "fit: int64 loader batches": (lambda: _det().fit(_loader(torch.from_numpy((_X() * 255).astype(np.int64)))),
+                                  warns("int64 images", lambda e: True)),
+    "fit: a generator of images": (lambda: _det().fit(x for x in _X()), raises(ValueError, f"{OWNER} got a generator")),
+    "fit: a bfloat16 tensor": (lambda: _det().fit(torch.from_numpy(_X()).bfloat16()), works(_is_detector)),
+    "LogitDetector: a model whose output is not logits": (lambda: LogitDetector(torch.nn.Conv2d(3, 4, 3), device="cpu")
+                                                          .fit(_X()), raises(ValueError, "returns a tensor of shape")),
     "fit: NaN in images": (lambda: _det().fit(np.where(_X() > 0.9, np.nan, _X())), raises(ValueError, "NaN")),
     "fit: inf in images": (lambda: _det().fit(np.where(_X() > 0.9, np.inf, _X())), raises(ValueError, "infinity")),
     "fit: finite images whose activations overflow": (lambda: _det().fit(_X() * 1e30),
@@ -180,10 +207,23 @@ ROWS = {
     "predict: nested lists": (lambda: _fitted().predict(_X()[:3].tolist()), works(lambda p: _decisions(p, 3))),
     "predict: uint8 images": (lambda: _fitted().predict((_X() * 255).astype(np.uint8)),
                               warns("uint8", lambda p: _decisions(p, 60))),
+    "predict: int16 pixel images": (lambda: _fitted().predict((_X() * 255).astype(np.int16)),
+                                    warns("int16 images", lambda p: _decisions(p, 60))),
+    "predict: a backbone that edits its input in place": (_predict_with_inplace_backbone,
+                                                          works(lambda unchanged: unchanged)),
     "predict: NaN images": (lambda: _fitted().predict(np.full_like(_X()[:2], np.nan)), raises(ValueError, "NaN")),
     "predict: inf images": (lambda: _fitted().predict(np.full_like(_X()[:2], np.inf)), raises(ValueError, "infinity")),
     "predict: finite images whose activations overflow": (lambda: _fitted().predict(_X()[:2] * 1e30),
                                                           works(lambda p: (p == -1).all())),
+    "predict: large finite images (the power transform overflows)": (lambda: _fitted().predict(_X()[:4] * 1e8),
+                                                                     works(lambda p: (p == -1).all())),
+    "predict: a negative-stride array": (lambda: _fitted().predict(_X()[::-1, :, :, ::-1]),
+                                         works(lambda p: np.array_equal(p, _fitted().predict(
+                                             np.ascontiguousarray(_X()[::-1, :, :, ::-1]))))),
+    "predict: a bfloat16 tensor": (lambda: _fitted().predict(torch.from_numpy(_X()).bfloat16()),
+                                   works(lambda p: _decisions(p, 60))),
+    "predict: a generator of images": (lambda: _fitted().predict(x for x in _X()),
+                                       raises(ValueError, f"{OWNER} got a generator of images")),
     "predict: one image without a batch axis": (lambda: _fitted().predict(_X()[0]), raises(ValueError, "add a batch axis")),
     "predict: channels-last": (lambda: _fitted().predict(_X()[:2].transpose(0, 2, 3, 1)), raises(ValueError, "channels-last")),
     "predict: grayscale": (lambda: _fitted().predict(_X()[:2, :1]), raises(ValueError, "fitted on images with 3 channels")),
@@ -212,6 +252,17 @@ ROWS = {
     "partial_fit: one image first": (lambda: _det().partial_fit(_X()[:1]), raises(ValueError, f"{OWNER} needs at least 2")),
     "partial_fit: other-size images later": (lambda: _det().partial_fit(_X()).partial_fit(np.zeros((2, 3, 16, 16), np.float32)),
                                              raises(ValueError, r"fitted on images of shape \(3, 12, 12\)")),
+    "partial_fit: after set_params(layer=...)": (lambda: _det().partial_fit(_X()).set_params(layer="stem").partial_fit(_X()),
+                                                 raises(ValueError, "partial_fit: layer")),
+    "partial_fit: after set_params(pooling=...)": (lambda: _det().partial_fit(_X()).set_params(pooling="max").partial_fit(
+        _X()), raises(ValueError, "partial_fit: pooling changed")),
+    "partial_fit: after set_params(backbone=...)": (lambda: _det().partial_fit(_X()).set_params(
+        backbone=make_tiny_cnn(seed=3)).partial_fit(_X()), raises(ValueError, "partial_fit: backbone")),
+    "partial_fit: after set_params(metric=...)": (lambda: _det().partial_fit(_X()[:30]).set_params(
+        metric="euclidean").partial_fit(_X()[30:]), works(lambda e: e.moments_.n_rows == 60
+                                                          and e.pipeline_["distance"].metric == "euclidean")),
+    "partial_fit: a later batch whose features overflow the power transform": (
+        lambda: _det().partial_fit(_X()).partial_fit(_X()[:4] * 1e8), raises(ValueError, "power transform")),
     "partial_fit, then fit: fit starts over": (lambda: _det().partial_fit(_X()[:30], _y()[:30]).fit(_X(), _y()),
                                                works(lambda e: e.moments_.n_rows == 60)),
     # --- the array steps -------------------------------------------------------------------------------

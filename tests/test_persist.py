@@ -109,3 +109,90 @@ def test_the_json_is_verified_and_can_be_signed(tmp_path):
     doc_path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="modified after save_detector wrote it"):
         load_detector(tmp_path / "d", cifar_resnet(20))
+
+
+def _crafted_folders(tmp_path):
+    """Detector folders an attacker or a bad disk could leave (resealed without the key): name -> folder."""
+    import hashlib
+    import os
+    import shutil
+
+    from safetensors.numpy import load as load_arrays
+    from safetensors.numpy import save as save_arrays
+
+    from .conftest import make_images, make_tiny_cnn
+
+    X, y = make_images(60)
+    good = save_detector(ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y), tmp_path / "good")
+    doc = json.loads((good / "estimator.json").read_text())
+    folders = {}
+
+    def variant(name, document=None, raw=None, tensors=None):
+        folder = tmp_path / name.replace(" ", "_")
+        shutil.copytree(good, folder)
+        if tensors is not None:
+            blob = save_arrays(tensors)
+            (folder / "tensors.safetensors").write_bytes(blob)
+            document = dict(document or doc, tensors_sha256=hashlib.sha256(blob).hexdigest())
+        if document is not None:
+            document = {k: v for k, v in document.items() if k not in ("version", "signature")}
+            raw = json.dumps(seal(document), allow_nan=True)
+        if raw is not None:
+            (folder / "estimator.json").write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+        folders[name] = folder
+        return folder
+
+    def replace_key(tree, key, value):
+        if isinstance(tree, dict):
+            return {k: value if k == key else replace_key(v, key, value) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [replace_key(v, key, value) for v in tree]
+        return tree
+
+    variant("offset -Infinity", replace_key(doc, "offset_", float("-inf")))
+    variant("offset NaN", replace_key(doc, "offset_", float("nan")))
+    variant("not JSON", raw=b"{not json")
+    variant("not UTF-8", raw=b"\xff\xfe{}")
+    variant("deep nesting", raw="[" * 100_000 + "]" * 100_000)
+    variant("a list", raw="[]")
+    variant("missing field", {k: v for k, v in doc.items() if k != "includes_weights"})
+    variant("unknown entry", dict(doc, estimator={"__nope__": 1}))
+    arrays = load_arrays((good / "tensors.safetensors").read_bytes())
+    centroids = next(k for k in arrays if k.endswith(".centroids_"))
+    whitening = next(k for k in arrays if k.endswith(".whitening_"))
+    variant("a missing array", tensors={k: v for k, v in arrays.items() if k != centroids})
+    variant("inconsistent arrays", tensors={**arrays, whitening: np.ascontiguousarray(arrays[whitening][:, :1])})
+    variant("inconsistent centroids", tensors={**arrays, centroids: np.ascontiguousarray(arrays[centroids][:, :3])})
+    variant("non-finite centroids", tensors={**arrays, centroids: np.full_like(arrays[centroids], np.inf)})
+    folder = variant("tensors not safetensors", dict(doc, tensors_sha256=hashlib.sha256(b"garbage" * 10).hexdigest()))
+    (folder / "tensors.safetensors").write_bytes(b"garbage" * 10)
+    folder = variant("estimator.json a link to /dev/zero")
+    (folder / "estimator.json").unlink()
+    (folder / "estimator.json").symlink_to("/dev/zero")
+    folder = variant("estimator.json a FIFO")
+    (folder / "estimator.json").unlink()
+    os.mkfifo(folder / "estimator.json")
+    return good, folders
+
+
+def test_every_malformed_folder_gets_one_clear_error(tmp_path):
+    """Crafted or damaged detector folders: DetectorFileError (a ValueError) naming the problem, within a second,
+    never a raw KeyError/RecursionError/UnicodeDecodeError, never a detector that loads and accepts everything."""
+    import time
+
+    from earlin_sklearn import DetectorFileError
+
+    from .conftest import make_tiny_cnn
+
+    good, folders = _crafted_folders(tmp_path)
+    load_detector(good, make_tiny_cnn())
+    for name, folder in folders.items():
+        t0 = time.perf_counter()
+        with pytest.raises(DetectorFileError) as info:
+            load_detector(folder, make_tiny_cnn())
+        assert time.perf_counter() - t0 < 5, name
+        assert str(info.value), name
+        if "finite" in name or "Infinity" in name or "NaN" in name:
+            assert "not finite" in str(info.value), (name, str(info.value))
+        if "inconsistent" in name:
+            assert "disagree on the feature count" in str(info.value), (name, str(info.value))
