@@ -51,9 +51,10 @@ def expected_failed_checks(estimator):
     return failed
 
 
-# scikit-learn's checks fit on a few samples on purpose; the warning that so few cannot set a threshold is tested
-# in tests/test_bad_inputs.py
+# scikit-learn's checks fit on a few samples, and on integer arrays, on purpose; the warnings that so few cannot
+# set a threshold and that integer pixels need scaling are tested in tests/test_bad_inputs.py and the bad-input table
 @pytest.mark.filterwarnings("ignore:.*the threshold cannot reject a single one of them:earlin_sklearn.exceptions.EarlinWarning")
+@pytest.mark.filterwarnings("ignore:.*their integer pixels are fed to the model:earlin_sklearn.exceptions.EarlinWarning")
 @parametrize_with_checks(ESTIMATORS, expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
