@@ -14,7 +14,7 @@ VERSION = next(
 # the device side (earlin_sklearn.edge): numpy, a runtime and the HTTP client; on a device without PyTorch,
 # `pip install --no-deps earlin_sklearn` first, then these (docs/edge_cloud.rst, "A device without PyTorch")
 EDGE = ["onnxruntime>=1.17", "httpx>=0.27", "pillow>=9"]
-SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "zstandard>=0.22"]
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "zstandard>=0.22", "prometheus-client>=0.20"]
 EXPORT = ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"]
 # ExecuTorch programs (.pte) and their int8 quantization (PT2E, torchao); its wheel also carries the
 # runtime libraries the device side runs .pte files with. Its Python bindings link the installed libtorch
@@ -24,7 +24,7 @@ DOCS = ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0
         "myst-parser>=2", *EXPORT, *SERVE, "distributed>=2024.1"]
 # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests; .ci/oldest
 # installs test-core, since ExecuTorch's wheels need a recent torch and numpy 2
-TEST_CORE = ["pytest>=7", "hypothesis>=6", *DOCS, *EDGE, "prometheus-client>=0.20"]
+TEST_CORE = ["pytest>=7", "hypothesis>=6", "schemathesis>=4", *DOCS, *EDGE, "prometheus-client>=0.20"]
 EXTRAS = {
     "test": [*TEST_CORE, *EXECUTORCH],
     "test-core": TEST_CORE,

@@ -15,7 +15,10 @@ server do not depend on the weights) is split at ``layer1`` and served by
    NaN/inf and overflowing bodies; chunked bodies far over the limit, valid
    requests mixed in). No answer may be a 5xx, and every 200 must carry the
    class the in-process cloud part gives for that body;
-4. the server's RSS again, against its warm baseline.
+4. the server's RSS again, against its warm baseline;
+5. large bodies: rounds of 24 requests of 256 inputs each (16.8 MB bodies),
+   8 at a time, then the RSS after a few seconds idle, against the warm
+   baseline (the server hands freed memory back once large requests stop).
 """
 
 import argparse
@@ -57,7 +60,12 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=2000, help="load requests in all")
     p.add_argument("--fuzz", type=int, default=2000)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "server"))
-    args = parse_args(p, argv, "server", clients=2, requests=24, fuzz=24)
+    p.add_argument("--large-batch", type=int, default=256, help="inputs per large request")
+    p.add_argument("--large-bodies", type=int, default=24, help="large requests per round")
+    p.add_argument("--large-rounds", type=int, default=3)
+    p.add_argument("--idle", type=float, default=5.0, help="seconds idle before the last RSS reading")
+    args = parse_args(p, argv, "server", clients=2, requests=24, fuzz=24, large_batch=16, large_bodies=2,
+                      large_rounds=1, idle=1.5)
     import httpx
 
     torch.manual_seed(0)
@@ -79,7 +87,8 @@ def main(argv=None):
             return cloud(*[torch.from_numpy(t) for t in decode(body, shapes, batch, encoding)]).argmax(1).tolist()
 
     port = free_port()
-    proc = start_server(work / "split", port, "--token-file", str(work / "token"), global_options=("--threads", "1"))
+    proc = start_server(work / "split", port, "--token-file", str(work / "token"), "--max-queue", "4096",
+                        global_options=("--threads", "1"))
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, headers=headers) as c:
@@ -179,6 +188,28 @@ def main(argv=None):
         fuzz = {"requests": args.fuzz, "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
                 "5xx": len(five_xx), "wrong_class": fuzz_wrong, "examples_5xx": five_xx[:5]}
         print(fuzz, flush=True)
+
+        # 5. large bodies: rounds of batch-256 requests (16.8 MB bodies for ResNet-20 at layer1), then idle
+        large = encode([torch.cat([p[k] for p in payloads] * 4)[: args.large_batch] for k in range(len(payloads[0]))],
+                       "float32")
+        big = {**headers, HEADER_BATCH: str(args.large_batch)}
+
+        def send_large(_):
+            with httpx.Client(base_url=url, timeout=300) as c:
+                return c.post("/v1/activations", content=large, headers=big).status_code
+
+        large_codes, peak = {}, end_rss
+        for _ in range(args.large_rounds):
+            with ThreadPoolExecutor(8) as pool:
+                for code in pool.map(send_large, range(args.large_bodies)):
+                    large_codes[code] = large_codes.get(code, 0) + 1
+            peak = max(peak, rss_mib(proc.pid))
+        time.sleep(args.idle)
+        idle_rss = rss_mib(proc.pid)
+        bodies = {"body_mb": len(large) / 1e6, "rounds": args.large_rounds, "bodies_per_round": args.large_bodies,
+                  "statuses": {str(k): v for k, v in large_codes.items()}, "peak_mib": peak, "idle_s": args.idle,
+                  "after_idle_mib": idle_rss, "after_idle_vs_warm": idle_rss / warm_rss}
+        print(bodies, flush=True)
         alive = httpx.get(f"{url}/livez").status_code == 200
     finally:
         proc.terminate()
@@ -192,11 +223,16 @@ def main(argv=None):
              f"Fuzz: {fuzz['requests']} requests; answers by status: {fuzz['statuses']}; 5xx: {fuzz['5xx']}; "
              f"wrong classes among the 200s: {fuzz['wrong_class']}; still serving afterwards: {alive}.", "",
              f"Server RSS: warm {warm_rss:.0f} MiB, after the load {load_rss:.0f} MiB, after the fuzz "
-             f"{end_rss:.0f} MiB ({100 * (memory['after_fuzz_vs_warm'] - 1):+.1f}% against warm)."]
+             f"{end_rss:.0f} MiB ({100 * (memory['after_fuzz_vs_warm'] - 1):+.1f}% against warm).", "",
+             f"Large bodies: {bodies['rounds']} rounds of {bodies['bodies_per_round']} requests of "
+             f"{args.large_batch} inputs ({bodies['body_mb']:.1f} MB bodies, 8 at a time; answers by status: "
+             f"{bodies['statuses']}): RSS peak {peak:.0f} MiB, {idle_rss:.0f} MiB after {args.idle:g} s idle "
+             f"({100 * (bodies['after_idle_vs_warm'] - 1):+.1f}% against warm)."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"machine": machine(), "load": load, "fuzz": fuzz, "memory": memory,
+                                                  "large_bodies": bodies,
                                                   "alive": alive}, indent=2))
     print("\n".join(lines))
 

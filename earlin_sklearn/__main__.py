@@ -41,6 +41,12 @@ def main(argv=None):
                        help="largest request body (also capped at the largest valid body)")
     serve.add_argument("--header-timeout", type=float, default=10.0,
                        help="seconds a client may take to send a request's headers (slow-loris clients)")
+    serve.add_argument("--batch-inputs", type=int, default=64,
+                       help="dynamic batching: most inputs of concurrent requests run as one batch of the cloud part")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0,
+                       help="how long a request waits for batch-mates (0: run as it comes)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="inputs that may wait for a batch; beyond, 503 with Retry-After")
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     for sub_parser in (serve,):
@@ -104,7 +110,7 @@ def main(argv=None):
         from ._optional import require
 
         try:
-            require("earlin serve-cloud", "serve", "fastapi", "uvicorn")
+            require("earlin serve-cloud", "serve", "fastapi", "uvicorn", "prometheus_client")
         except ImportError as exc:
             print(f"earlin: {exc}", file=sys.stderr)
             return 2
@@ -113,7 +119,8 @@ def main(argv=None):
         if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
             parser.error("--ssl-certfile and --ssl-keyfile go together")
         serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key,
-              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, header_timeout=args.header_timeout)
+              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, header_timeout=args.header_timeout,
+              batch_inputs=args.batch_inputs, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")

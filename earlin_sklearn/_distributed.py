@@ -1,16 +1,15 @@
 """Fitting on a Dask cluster: the forward passes run where the data is, only statistics travel."""
 
 import contextlib
-import ctypes
 import hashlib
 import math
 import os
 import pickle
-import platform
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from ._allocator import glibc
 from ._moments import FeatureMoments
 from ._passes import accumulate, kept, with_labels
 from ._spill import FeatureSpill
@@ -67,11 +66,7 @@ def roomy_allocator():
     library is glibc.
     """
     trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    libc = None
-    if trim is not None and platform.libc_ver()[0] == "glibc":
-        with contextlib.suppress(OSError):
-            found = ctypes.CDLL("libc.so.6")
-            libc = found if hasattr(found, "mallopt") else None
+    libc = glibc() if trim is not None else None
     if libc is None:
         yield
         return

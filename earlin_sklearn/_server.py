@@ -8,24 +8,28 @@ Python wheels (``pip install earlin_sklearn[serve]``).
 import importlib.util
 import logging
 import secrets
-import time
 
 import numpy as np
 
 import torch
 
+from ._allocator import IdleTrimmer
+from ._batching import DynamicBatcher, QueueFull
 from ._constants import COMPRESSIONS, IMAGE_FORMATS
 from ._export import load_split
+from ._metrics import MetricsMiddleware, ServerMetrics
+from ._openapi import add_security_scheme, get_route, post_route
 from .edge._wire import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compressed_limit,
                          decode, decode_image, decompress, encoded_size)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
+LARGE_BODY = 1 << 20  # after requests this large, freed memory is handed back to the system once they stop
 
 
 def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256, key=None, docs=None,
-                     body_timeout=30.0):
+                     body_timeout=30.0, batch_inputs=64, max_wait_ms=2.0, max_queue=1024):
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Parameters
@@ -47,6 +51,17 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         when no ``token`` is set (the pages would otherwise bypass it).
     body_timeout : float, default=30
         Seconds a client may take to send its body (slow clients get 408).
+    batch_inputs : int, default=64
+        Dynamic batching: requests that arrive within ``max_wait_ms`` of one
+        another run as one batch of the cloud part, of at most this many
+        inputs (a larger request runs alone). Each request gets its own
+        answer and its own errors (see ``earlin_sklearn/_batching.py``).
+    max_wait_ms : float, default=2
+        How long a request waits for batch-mates; 0 runs each request as it
+        comes (inputs already queued still share a batch).
+    max_queue : int, default=1024
+        Inputs that may wait for a batch; beyond it, 503 with ``Retry-After``
+        (the edge runner retries those).
 
     Returns
     -------
@@ -62,12 +77,18 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     (body: input tensors, or one PNG/JPEG file with ``X-Earlin-Encoding:
     png|jpeg`` when the split records its preprocessing; runs the whole
     model, edge prefix then cloud part).
-    Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...}``.
+    ``GET /metrics`` (Prometheus text format: requests by route and status,
+    latencies, batch sizes, bytes received by encoding, cloud-stage
+    verdicts, queue depth; the token applies).
+    Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...,
+    "batch_inputs": ...}`` (the compute time and size of the batch the
+    request ran in).
     Malformed requests get a 4xx with a message and the server keeps
     serving: 400 (bad batch header, body that does not fit), 401 (token),
     409 (payload cut for another split version), 413 (body over
     ``max_bytes``), 415 (unknown encoding), 422 (the cloud part gave
-    non-finite outputs for this payload), 428 (no ``X-Earlin-Version``).
+    non-finite outputs for this payload), 428 (no ``X-Earlin-Version``);
+    503 with ``Retry-After`` when ``max_queue`` inputs are waiting.
     The split is verified when the app is created (:func:`load_split`).
 
     Examples
@@ -83,15 +104,18 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
     >>> app = create_cloud_app(folder, token="s3cret")  # serve it with uvicorn.run(app) or earlin serve-cloud
     >>> sorted(r.path for r in app.routes)
-    ['/health', '/livez', '/v1/activations', '/v1/raw']
+    ['/health', '/livez', '/metrics', '/v1/activations', '/v1/raw']
     """
     from ._optional import require
 
     if token is not None and not str(token):
         raise ValueError("the token is empty (is $EARLIN_TOKEN set?): pass a token, or none to serve without one.")
 
-    require("create_cloud_app", "serve", "fastapi")
-    from fastapi import FastAPI, HTTPException, Request
+    if int(max_queue) < int(max_batch):
+        raise ValueError(f"max_queue ({max_queue}) must be at least max_batch ({max_batch}): a request of max_batch "
+                         "inputs could never be queued.")
+    require("create_cloud_app", "serve", "fastapi", "prometheus_client")
+    from fastapi import FastAPI, HTTPException, Request, Response
     from fastapi.concurrency import run_in_threadpool
 
     import asyncio
@@ -175,22 +199,42 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             raise HTTPException(400, "client disconnected") from None
         return bytes(body)
 
-    def predict(tensors, raw):
-        t0 = time.perf_counter()
+    def run_cloud(tensors):
         with torch.inference_mode():
-            if raw:  # the whole model: the edge prefix (the detector's outputs are ignored), then the cloud part
-                _, _, *tensors = edge(tensors[0])
-            out = cloud(*tensors)
+            return cloud(*tensors)
+
+    def run_whole(tensors):  # the whole model: the edge prefix (its detector's outputs are ignored), then the cloud
+        with torch.inference_mode():
+            _, _, *payload = edge(tensors[0])
+            return cloud(*payload)
+
+    metrics = ServerMetrics()
+    trimmer = IdleTrimmer(delay=1.0)
+
+    def observe_batch(n, seconds):
+        metrics.batch_inputs.observe(n)
+        metrics.compute_seconds.observe(seconds)
+
+    batchers = {route: DynamicBatcher(run, batch_inputs, max_wait_ms, max_queue, on_batch=observe_batch)
+                for route, run in (("activations", run_cloud), ("raw", run_whole))}
+
+    async def predict(tensors, route):
+        try:
+            out, seconds, size = await batchers[route].submit(tensors)
+        except QueueFull as exc:
+            raise HTTPException(503, f"the server is busy ({exc}); retry shortly", headers={"Retry-After": "1"}) from None
         logits, verdict = (out[0], out[1:]) if isinstance(out, (tuple, list)) else (out, None)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise HTTPException(500, "the cloud part does not return (N, classes) logits")
         bad = (~torch.isfinite(logits).all(dim=1)).nonzero().flatten().tolist()
         if bad:  # an overflowing payload: never answer a class computed from inf/NaN
             raise HTTPException(422, f"the cloud part gave non-finite outputs for inputs {bad[:10]} of this request")
-        answer = {"predictions": logits.argmax(dim=1).tolist(), "cloud_ms": 1e3 * (time.perf_counter() - t0)}
+        answer = {"predictions": logits.argmax(dim=1).tolist(), "cloud_ms": 1e3 * seconds, "batch_inputs": size}
         if verdict is not None:  # the cloud stage's detector (TwoStageDetector): its verdict and score per input
             answer["cloud_is_id"] = verdict[1].tolist()
             answer["cloud_score"] = verdict[0].tolist()
+            for is_id in answer["cloud_is_id"]:
+                metrics.cloud_verdicts.labels("id" if is_id else "ood").inc()
         return answer
 
     # an image file of the model's input size is at most about its raw pixels; allow headers and bad compression
@@ -201,6 +245,14 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         is_image = encoding in IMAGE_FORMATS
         expected = max_image_bytes if is_image else encoded_size(shapes, batch, encoding)
         body = await read_body(request, expected if compression == "none" else compressed_limit(expected))
+        metrics.received_bytes.labels(encoding).inc(len(body))
+        try:
+            return await respond(body, encoding, batch, compression, is_image, expected, shapes, compute)
+        finally:
+            if max(len(body), expected) >= LARGE_BODY:  # give the buffers' memory back once such requests stop
+                trimmer.note(asyncio.get_running_loop())
+
+    async def respond(body, encoding, batch, compression, is_image, expected, shapes, compute):
         try:
             if compression != "none":
                 body = await run_in_threadpool(decompress, body, compression, expected)
@@ -211,26 +263,38 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             tensors = [torch.from_numpy(a) for a in arrays]
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        answer = await run_in_threadpool(compute, tensors)
+        answer = await compute(tensors)
         return {**answer, "version": version}
 
-    @app.get("/livez")
+    @app.get("/livez", **get_route("livez"))
     def livez():
         return {"status": "ok"}
 
-    @app.get("/health")
+    @app.get("/health", **get_route("health"))
     def health(request: Request):
         check_token(request)
         return {"status": "ok", "version": version, "input_shape": list(input_shape), "payload": manifest["payload"]}
 
-    @app.post("/v1/activations")
+    @app.get("/metrics", **get_route("metrics"))
+    def metrics_page(request: Request):
+        check_token(request)
+        metrics.queue_depth.labels("activations").set(batchers["activations"].depth)
+        metrics.queue_depth.labels("raw").set(batchers["raw"].depth)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/v1/activations", **post_route(images=False, max_batch=max_batch, version=version))
     async def activations(request: Request):
-        return await handle(request, payload_shapes, lambda t: predict(t, raw=False))
+        with batchers["activations"].expecting():
+            return await handle(request, payload_shapes, lambda t: predict(t, "activations"))
 
-    @app.post("/v1/raw")
+    @app.post("/v1/raw", **post_route(images=True, max_batch=max_batch, version=version))
     async def raw(request: Request):
-        return await handle(request, [input_shape], lambda t: predict(t, raw=True), images=True)
+        with batchers["raw"].expecting():
+            return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
 
+    app.state.metrics, app.state.batchers, app.state.trimmer = metrics, batchers, trimmer
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    add_security_scheme(app)
     return app
 
 
@@ -293,12 +357,14 @@ def header_timeout_protocol(seconds):
 
 
 def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None,
-          ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5, header_timeout=10.0):
+          ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5, header_timeout=10.0, batch_inputs=64,
+          max_wait_ms=2.0, max_queue=1024):
     """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key."""
     from ._optional import require
 
     (uvicorn,) = require("serve", "serve", "uvicorn")
 
-    app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key)
+    app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key, batch_inputs=batch_inputs,
+                           max_wait_ms=max_wait_ms, max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                 timeout_keep_alive=timeout_keep_alive, http=header_timeout_protocol(header_timeout))

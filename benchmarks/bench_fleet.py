@@ -1,0 +1,186 @@
+"""A fleet against one cloud server: concurrent single-input clients, dynamic batching off and on.
+
+    python benchmarks/bench_fleet.py --data-dir ../shared/data
+
+For ResNet-20 and ShuffleNetV2 (split at their first stage, ID = the CIFAR-10
+train subset), ``earlin serve-cloud`` runs in its own process with one torch
+thread; N clients (asyncio, one connection each, in this process) send single
+activations for a fixed time. Per N and batching setting: requests/s, p50/p99
+latency, non-200 answers, wrong classes (every answer checked against the
+cloud part run here), the server's resident memory. Beside them, in the same
+run and the same thread count, the bare cloud part's throughput at batch 1
+and batch 32: the ratio says how much of the batched compute the server
+delivers. Workers (``--workers``) are not built yet.
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_collab import free_port, start_server  # noqa: E402
+from bench_server import rss_mib  # noqa: E402
+from common import first_stage, load_model, load_npz, machine, normalize, parse_args  # noqa: E402
+
+from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # noqa: E402
+from earlin_sklearn.edge._wire import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode  # noqa: E402
+
+SETTINGS = {"off": ("--max-wait-ms", "0", "--batch-inputs", "1"), "on": ("--max-wait-ms", "2", "--batch-inputs", "64")}
+
+
+def bare_throughput(cloud, payloads, batch, seconds):
+    """Inputs per second of the cloud part alone on batches of ``batch`` (best of three timed spans)."""
+    x = [torch.cat([p[i] for p in payloads[:batch]]) for i in range(len(payloads[0]))]
+    best = 0.0
+    with torch.inference_mode():
+        cloud(*x)
+        for _ in range(3):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 3:
+                cloud(*x)
+                n += batch
+            best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+async def http_ceiling(url, clients, seconds):
+    """Requests/s of ``GET /livez`` (no body, no compute) from the same clients: what the HTTP stack alone allows."""
+    import httpx
+
+    n, stop = 0, time.perf_counter() + seconds
+
+    async def client():
+        nonlocal n
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            while time.perf_counter() < stop:
+                await c.get("/livez")
+                n += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client() for _ in range(clients)])
+    return n / (time.perf_counter() - t0)
+
+
+async def fleet(url, headers, bodies, expected, clients, seconds):
+    import httpx
+
+    lat, codes, wrong = [], {}, 0
+    stop = time.perf_counter() + seconds
+
+    async def client(k):
+        nonlocal wrong
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
+            i = k
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await c.post("/v1/activations", content=bodies[i % len(bodies)])
+                lat.append(time.perf_counter() - t0)
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                if r.status_code == 200 and r.json()["predictions"] != [expected[i % len(bodies)]]:
+                    wrong += 1
+                i += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(k) for k in range(clients)])
+    wall = time.perf_counter() - t0
+    return {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * statistics.median(lat),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "non_200": sum(v for k, v in codes.items() if k != 200),
+            "wrong_class": wrong, "requests": len(lat)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--models", nargs="+", default=["resnet20", "shufflenet"])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--seconds", type=float, default=8.0, help="load time per setting")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fleet"))
+    args = parse_args(p, argv, "fleet", models=["resnet20"], clients=[1, 4], seconds=0.5)
+    import httpx
+
+    torch.set_num_threads(1)  # the server runs one torch thread too: the ratios compare like with like
+    train = load_npz(args.data_dir, "cifar10_train_lossless5085.npz")
+    test = load_npz(args.data_dir, "cifar10_test_lossless1017.npz")
+    results = {"machine": machine(), "seconds": args.seconds, "models": {}}
+    for name in args.models:
+        model = load_model(args.data_dir, name).eval()
+        X = normalize(train["x"][:1000], name)
+        det = ShallowFeatureOODDetector(model, first_stage(name), device="cpu", n_threads=1).fit(X.numpy(),
+                                                                                            train["y"][:1000])
+        work = Path(tempfile.mkdtemp())
+        save_split(*det.export_split(), work / "split", X[:4], formats=("pt2",))
+        manifest, edge, cloud = load_split(work / "split")
+        T = normalize(test["x"][:64], name)
+        with torch.inference_mode():
+            payloads = [edge(T[i : i + 1])[2:] for i in range(len(T))]
+            expected = [int(cloud(*pl).argmax(1)) for pl in payloads]
+        bodies = [encode(pl, "float32") for pl in payloads]
+        (work / "token").write_text("bench-token")
+        headers = {"Authorization": "Bearer bench-token", HEADER_VERSION: manifest["version"],
+                   HEADER_ENCODING: "float32", HEADER_BATCH: "1"}
+        entry = {"bare_inputs_per_s": {b: bare_throughput(cloud, payloads, b, args.seconds / 2) for b in (1, 32)},
+                 "runs": []}
+        print(name, "bare cloud part, inputs/s:", {b: round(v) for b, v in entry["bare_inputs_per_s"].items()},
+              flush=True)
+        for setting, options in SETTINGS.items():
+            port = free_port()
+            proc = start_server(work / "split", port, "--token-file", str(work / "token"), *options,
+                                global_options=("--threads", "1"))
+            url = f"http://127.0.0.1:{port}"
+            try:
+                with httpx.Client(base_url=url, headers=headers) as c:  # warm-up
+                    for i in range(50):
+                        c.post("/v1/activations", content=bodies[i % len(bodies)])
+                if setting == "on":
+                    entry["http_ceiling_req_s"] = {n: asyncio.run(http_ceiling(url, n, args.seconds / 2))
+                                                   for n in args.clients}
+                    print(name, "GET /livez, requests/s:", entry["http_ceiling_req_s"], flush=True)
+                for n in args.clients:
+                    run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds))
+                    run.update(batching=setting, clients=n, server_rss_mib=rss_mib(proc.pid),
+                               vs_bare_batch32=run["requests_per_s"] / entry["bare_inputs_per_s"][32])
+                    entry["runs"].append(run)
+                    print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}, flush=True)
+                metrics = httpx.get(url + "/metrics", headers=headers).text
+                count = float(metrics.split("earlin_batch_inputs_count ")[1].split()[0])
+                total = float(metrics.split("earlin_batch_inputs_sum ")[1].split()[0])
+                entry[f"mean_batch_{setting}"] = total / count
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        results["models"][name] = entry
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    m = results["machine"]
+    lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
+             "setting; the server and the bare cloud part on one torch thread; clients in one asyncio process)", "",
+             "| model | batching | clients | req/s | vs bare batch 32 | p50 ms | p99 ms | non-200 | wrong | RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in results["models"].items():
+        for r in entry["runs"]:
+            lines.append(f"| {name} | {r['batching']} | {r['clients']} | {r['requests_per_s']:.0f} | "
+                         f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
+                         f"{r['wrong_class']} | {r['server_rss_mib']:.0f} |")
+    lines.append("")
+    for name, entry in results["models"].items():
+        bare = entry["bare_inputs_per_s"]
+        lines.append(f"- {name}: bare cloud part {bare[1]:.0f} inputs/s at batch 1, {bare[32]:.0f} at batch 32; "
+                     f"mean inputs per cloud run: {entry.get('mean_batch_off', float('nan')):.2f} (batching off), "
+                     f"{entry.get('mean_batch_on', float('nan')):.2f} (on); the HTTP stack alone (GET /livez, no "
+                     "body, no compute, same clients): "
+                     + ", ".join(f"{v:.0f} req/s at {n} clients" for n, v in entry["http_ceiling_req_s"].items()) + ".")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
