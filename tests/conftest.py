@@ -10,6 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+try:  # hypothesis keeps no example database in the checkout (.hypothesis/): a test writes nothing there
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("earlin", database=None)
+    _hypothesis_settings.load_profile("earlin")
+except ImportError:
+    pass
+
 # How close the exported edge's scores are to score_samples: both pool with one function; the head's power
 # transform runs in float64 and its whitening in float32 (float64 for a float64 backbone), which keeps about
 # 3e-7 relative on the development models.

@@ -11,7 +11,7 @@ from earlin_sklearn import baselines, metrics
 numpydoc_validate = pytest.importorskip("numpydoc.validate")
 
 # Dataclasses and exceptions document their fields as Attributes, not Parameters.
-RECORDS = {"CostComparison", "EdgeOutput", "EdgeRecord", "LayerRecommendation", "SplitCost", "EarlinWarning",
+RECORDS = {"CostComparison", "EdgeOutput", "EdgeRecord", "LayerRecommendation", "SplitCost", "EarlinWarning", "DetectorFileError",
            "SplitVerificationError"}
 CHECKED = ("PR01", "PR02", "PR10", "RT01", "GL08")  # undocumented / unknown / badly formatted parameters; returns
 
