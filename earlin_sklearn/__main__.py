@@ -83,6 +83,9 @@ def main(argv=None):
                            "the first of these the split has and this machine can run (only torch imports PyTorch)")
     edge.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
                       help="auto: the split's int8 edge for that runtime when it has one")
+    edge.add_argument("--report-every", type=int, default=100,
+                      help="send the server this device's counts every N inputs (drift alarms; 0: never)")
+    edge.add_argument("--device", help="the id the reports carry (default: the host name)")
     _secret_options(edge)
     args = parser.parse_args(argv)
     for name in ("token", "key"):
@@ -141,7 +144,7 @@ def main(argv=None):
                             token=args.token, key=args.key, timeout=args.timeout, retries=args.retries,
                             jpeg_quality=args.jpeg_quality, compression=args.compression, runtime=args.runtime,
                             precision=args.precision, threads=args.threads or 1, mean=args.mean,
-                            std=args.std) as runner:
+                            std=args.std, report_every=args.report_every, device=args.device) as runner:
                 print(f"earlin run-edge: {runner.program.name} ({runner.program.runtime}, {runner.program.precision})",
                       file=sys.stderr)
                 runner.check_server(wait=args.wait, timeout=min(5.0, args.timeout))

@@ -10,12 +10,14 @@ Series (all prefixed ``earlin_``): ``requests_total{route,status}``,
 the cloud part, histogram), ``compute_seconds`` (per run, histogram),
 ``received_bytes_total{encoding}``, ``cloud_verdicts_total{verdict}`` (the
 two-stage cloud detector's), ``queue_depth{route}`` (inputs waiting for a
-batch).
+batch); from the edge reports: ``reports_total``, ``report_inputs_total{kind}``
+(seen, accepted), ``devices``, ``fleet_acceptance``,
+``drift_alarms_total{scope}`` (report, device, fleet).
 """
 
 import time
 
-ROUTES = ("/livez", "/health", "/metrics", "/v1/activations", "/v1/raw", "/docs", "/openapi.json")
+ROUTES = ("/livez", "/health", "/metrics", "/v1/activations", "/v1/raw", "/v1/report", "/docs", "/openapi.json")
 
 
 class ServerMetrics:
@@ -40,6 +42,13 @@ class ServerMetrics:
         self.cloud_verdicts = Counter("earlin_cloud_verdicts", "The cloud-stage detector's verdicts", ["verdict"],
                                       registry=r)
         self.queue_depth = Gauge("earlin_queue_depth", "Inputs waiting for a batch", ["route"], registry=r)
+        self.reports = Counter("earlin_reports", "Edge reports received", registry=r)
+        self.report_inputs = Counter("earlin_report_inputs", "Inputs the edges saw and accepted (from their reports)",
+                                     ["kind"], registry=r)
+        self.devices = Gauge("earlin_devices", "Edge devices that have reported", registry=r)
+        self.fleet_acceptance = Gauge("earlin_fleet_acceptance", "Acceptance rate over the fleet's last reports",
+                                      registry=r)
+        self.drift_alarms = Counter("earlin_drift_alarms", "Drift alarms raised, by test", ["scope"], registry=r)
 
     def render(self):
         from prometheus_client import generate_latest

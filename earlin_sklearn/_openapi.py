@@ -103,3 +103,24 @@ def add_security_scheme(app):
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def report_route(version):
+    """``openapi_extra`` and ``responses`` of ``POST /v1/report`` (an edge device's counts)."""
+    body = {"application/json": {"schema": {
+        "type": "object", "required": ["device", "seen", "accepted"],
+        "properties": {"device": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,64}$"},
+                       "seen": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+                       "accepted": {"type": "integer", "minimum": 0, "maximum": 1_000_000,
+                                    "description": "at most seen"},
+                       "score_quantiles": {"type": "array", "maxItems": 16, "items": {"type": "number"}}}}}}
+    answer = {"application/json": {"schema": {"type": "object", "properties": {
+        "alarms": {"type": "array", "items": {"enum": ["report", "device", "fleet"]}},
+        "target_tpr": {"type": "number"}, "fleet_acceptance": {"type": "number"}}}}}
+    extra = {"parameters": [_header(HEADER_VERSION, "the version of the split the device runs", {
+        "type": "string", "enum": [version]}, required=True)],
+        "requestBody": {"required": True, "content": body}, "security": [{"bearer": []}, {}]}
+    responses = {200: {"description": "the drift alarms this report raised", "content": answer}}
+    responses.update({code: {"description": _STATUS[code] if code != 429 else "too many devices reporting",
+                             "content": _ERROR} for code in (400, 401, 408, 409, 413, 428, 429)})
+    return {"openapi_extra": extra, "responses": responses}

@@ -6,6 +6,7 @@ Python wheels (``pip install earlin_sklearn[serve]``).
 """
 
 import importlib.util
+import json
 import logging
 import secrets
 
@@ -16,20 +17,23 @@ import torch
 from ._allocator import IdleTrimmer
 from ._batching import DynamicBatcher, QueueFull
 from ._constants import COMPRESSIONS, IMAGE_FORMATS
+from ._drift import DEVICE_ID, DriftMonitor, TooManyDevices
 from ._export import load_split
 from ._metrics import MetricsMiddleware, ServerMetrics
-from ._openapi import add_security_scheme, get_route, post_route
+from ._openapi import add_security_scheme, get_route, post_route, report_route
 from .edge._wire import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compressed_limit,
                          decode, decode_image, decompress, encoded_size)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
+MAX_REPORT_BYTES = 4096
+MAX_REPORT_INPUTS = 1_000_000
 LARGE_BODY = 1 << 20  # after requests this large, freed memory is handed back to the system once they stop
 
 
 def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256, key=None, docs=None,
-                     body_timeout=30.0, batch_inputs=64, max_wait_ms=2.0, max_queue=1024):
+                     body_timeout=30.0, batch_inputs=64, max_wait_ms=2.0, max_queue=1024, drift_alpha=1e-4):
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Parameters
@@ -62,6 +66,9 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     max_queue : int, default=1024
         Inputs that may wait for a batch; beyond it, 503 with ``Retry-After``
         (the edge runner retries those).
+    drift_alpha : float, default=1e-4
+        False-alarm probability per report of each drift test on an ID
+        stream (``POST /v1/report``, see ``earlin_sklearn/_drift.py``).
 
     Returns
     -------
@@ -77,7 +84,9 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     (body: input tensors, or one PNG/JPEG file with ``X-Earlin-Encoding:
     png|jpeg`` when the split records its preprocessing; runs the whole
     model, edge prefix then cloud part).
-    ``GET /metrics`` (Prometheus text format: requests by route and status,
+    ``POST /v1/report`` (an edge device's counts since its last report: JSON
+    ``{"device", "seen", "accepted", "score_quantiles"}``; answers the drift
+    alarms it raised); ``GET /metrics`` (Prometheus text format: requests by route and status,
     latencies, batch sizes, bytes received by encoding, cloud-stage
     verdicts, queue depth; the token applies).
     Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...,
@@ -104,7 +113,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
     >>> app = create_cloud_app(folder, token="s3cret")  # serve it with uvicorn.run(app) or earlin serve-cloud
     >>> sorted(r.path for r in app.routes)
-    ['/health', '/livez', '/metrics', '/v1/activations', '/v1/raw']
+    ['/health', '/livez', '/metrics', '/v1/activations', '/v1/raw', '/v1/report']
     """
     from ._optional import require
 
@@ -275,6 +284,47 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         check_token(request)
         return {"status": "ok", "version": version, "input_shape": list(input_shape), "payload": manifest["payload"]}
 
+    monitor = DriftMonitor(float(manifest.get("target_tpr") or 0.95), alpha=drift_alpha)
+
+    @app.post("/v1/report", **report_route(version))
+    async def report(request: Request):
+        """An edge device's counts since its last report; drift alarms (a metric and a log line) when they leave the
+        band the target TPR predicts (``earlin_sklearn/_drift.py``)."""
+        check_token(request)
+        sent_version = request.headers.get(HEADER_VERSION)
+        if sent_version is None:
+            raise HTTPException(428, f"{HEADER_VERSION} is required: the version of the split the device runs")
+        if not secrets.compare_digest(sent_version.encode(), version.encode()):
+            raise HTTPException(409, f"the report is from a device running version {sent_version}; this server "
+                                     f"runs {version}")
+        body = await read_body(request, MAX_REPORT_BYTES)
+        try:
+            report = json.loads(body)
+            device, seen, accepted = report["device"], report["seen"], report["accepted"]
+            quantiles = report.get("score_quantiles", [])
+        except (ValueError, TypeError, KeyError):
+            raise HTTPException(400, "a report is JSON with device (str), seen and accepted (integers)") from None
+        if not (isinstance(device, str) and DEVICE_ID.fullmatch(device) and type(seen) is int
+                and type(accepted) is int and 0 <= accepted <= seen <= MAX_REPORT_INPUTS
+                and isinstance(quantiles, list) and len(quantiles) <= 16
+                and all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles)):
+            raise HTTPException(400, "a report needs device (1-64 of [A-Za-z0-9._:@-]), 0 <= accepted <= seen <= "
+                                     f"{MAX_REPORT_INPUTS} (integers) and at most 16 numeric score_quantiles")
+        try:
+            alarms = monitor.report(device, seen, accepted)
+        except TooManyDevices as exc:
+            raise HTTPException(429, str(exc)) from None
+        metrics.reports.inc()
+        metrics.report_inputs.labels("seen").inc(seen)
+        metrics.report_inputs.labels("accepted").inc(accepted)
+        metrics.devices.set(len(monitor.devices))
+        metrics.fleet_acceptance.set(monitor.fleet_rate())
+        for scope in alarms:
+            metrics.drift_alarms.labels(scope).inc()
+            logger.warning("drift alarm (%s): device %s accepted %d of %d inputs; the target TPR %.3f predicts "
+                           "about %.0f", scope, device, accepted, seen, monitor.rate, monitor.rate * seen)
+        return {"alarms": alarms, "target_tpr": monitor.rate, "fleet_acceptance": monitor.fleet_rate()}
+
     @app.get("/metrics", **get_route("metrics"))
     def metrics_page(request: Request):
         check_token(request)
@@ -292,7 +342,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         with batchers["raw"].expecting():
             return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
 
-    app.state.metrics, app.state.batchers, app.state.trimmer = metrics, batchers, trimmer
+    app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     add_security_scheme(app)
     return app

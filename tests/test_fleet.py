@@ -172,3 +172,46 @@ def test_the_batcher_follows_its_event_loop():
     for _ in range(3):
         out = asyncio.run(batcher.submit([torch.ones(2, 1)]))
         assert torch.equal(out[0], torch.full((2, 1), 3.0))
+
+
+def test_drift_alarms_catch_a_drop_and_stay_quiet_at_the_target():
+    """A device at the target TPR for 2,000 reports of 100 inputs: false alarms counted (the bound is 3 tests x
+    alpha x 2,000 = 0.6 expected); a device whose acceptance drops from 95% to 60%: alarmed at its first report."""
+    from earlin_sklearn._drift import DriftMonitor, outside_band
+
+    rng = np.random.default_rng(0)
+    quiet = DriftMonitor(0.95, alpha=1e-4)
+    false_alarms = sum(len(quiet.report("cam-1", 100, int(rng.binomial(100, 0.95)))) for _ in range(2000))
+    assert false_alarms <= 3, false_alarms
+    monitor = DriftMonitor(0.95, alpha=1e-4)
+    for _ in range(20):  # a history at the target first
+        monitor.report("cam-2", 100, int(rng.binomial(100, 0.95)))
+    first_bad = monitor.report("cam-2", 100, int(rng.binomial(100, 0.60)))
+    assert "report" in first_bad and "device" in first_bad
+    # a slow drift (95% -> 90%) escapes one report of 100 but not the pooled window of 10 reports
+    slow = DriftMonitor(0.95, alpha=1e-4)
+    raised = [slow.report("cam-3", 100, int(rng.binomial(100, 0.90))) for _ in range(10)]
+    assert any("device" in r for r in raised)
+    assert not outside_band(95, 100, 0.95, 1e-4) and outside_band(60, 100, 0.95, 1e-4)
+    assert outside_band(100_000, 100_000, 0.95, 1e-4)  # accepting everything is a drift too (a broken threshold)
+
+
+def test_the_runner_reports_and_the_server_alarms(split, tmp_path):
+    from earlin_sklearn.edge import EdgeRunner
+
+    app = create_cloud_app(split["dir"], token=TOKEN)
+    far = np.random.default_rng(1).uniform(-40, 40, size=(30, 3, 12, 12)).astype(np.float32)  # OOD: rejected
+    with uvicorn_running(app, log_level="warning") as url:
+        with EdgeRunner(split["dir"], url, token=TOKEN, report_every=10, device="cam-7") as runner:
+            records = runner.run(far)
+        metrics = httpx.get(url + "/metrics", headers=_headers(split["manifest"])).text
+        bad = httpx.post(url + "/v1/report", json={"device": "cam 7", "seen": 1, "accepted": 2},
+                         headers=_headers(split["manifest"]))
+        unauthorized = httpx.post(url + "/v1/report", json={"device": "x", "seen": 1, "accepted": 1},
+                                  headers={"X-Earlin-Version": split["manifest"]["version"]})
+    assert sum(r.is_id for r in records) < 5
+    assert len(runner.reports) == 3 and all("report" in r["alarms"] for r in runner.reports)
+    assert app.state.monitor.totals["cam-7"] == [30, sum(r.is_id for r in records)]
+    assert "earlin_reports_total 3.0" in metrics and 'earlin_drift_alarms_total{scope="report"} 3.0' in metrics
+    assert "earlin_devices 1.0" in metrics
+    assert bad.status_code == 400 and unauthorized.status_code == 401

@@ -7,6 +7,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -134,6 +136,15 @@ class EdgeRunner:
     mean, std : sequence of float, default=None
         How uint8 images become model inputs (after /255) when the split
         records no preprocessing; a split's recorded preprocessing wins.
+    report_every : int, default=100
+        During :meth:`run`, send the server a report every this many inputs
+        (and at the end): the device id, how many inputs it saw and accepted,
+        and quantiles of their scores (``POST /v1/report``; never the inputs
+        themselves). The server raises drift alarms from them. 0: no reports.
+        A report that fails is logged and dropped; it never stops the run.
+    device : str, default=None
+        The id the reports carry (1-64 of ``[A-Za-z0-9._:@-]``); None: this
+        machine's host name.
 
     Examples
     --------
@@ -159,7 +170,7 @@ class EdgeRunner:
     def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
                  uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5,
                  jpeg_quality=90, compression="none", runtime="auto", precision="auto", threads=1, mean=None,
-                 std=None):
+                 std=None, report_every=100, device=None):
         from .._optional import require
 
         (httpx,) = require("EdgeRunner", "edge", "httpx")
@@ -210,6 +221,36 @@ class EdgeRunner:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        if int(report_every) < 0:
+            raise ValueError("report_every must be >= 0 (0: no reports).")
+        self.report_every = int(report_every)
+        self.device = device if device is not None else re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())[:64]
+        if not re.fullmatch(r"[A-Za-z0-9._:@-]{1,64}", self.device):
+            raise ValueError(f"device must be 1-64 of [A-Za-z0-9._:@-]; got {self.device!r}.")
+        self.reports = []  # the server's answers to this runner's reports
+
+    def send_report(self, records):
+        """Report ``records`` (this device's inputs since its last report) to the server; its answer, or None.
+
+        The body holds counts and score quantiles only. A failure is logged
+        and dropped: reports are telemetry, never a reason to stop.
+        """
+        scores = np.array([r.score for r in records], dtype=np.float64)
+        scores = scores[np.isfinite(scores)]
+        body = {"device": self.device, "seen": len(records), "accepted": int(sum(bool(r.is_id) for r in records)),
+                "score_quantiles": np.quantile(scores, [0.05, 0.5, 0.95]).tolist() if scores.size else []}
+        try:
+            r = self.client.post("/v1/report", content=json.dumps(body), headers={"Content-Type": "application/json"})
+            r.raise_for_status()
+            answer = r.json()
+        except Exception as exc:  # httpx errors, a non-JSON answer: telemetry is best effort
+            logger.warning("report of %d inputs not delivered: %s", len(records), exc)
+            return None
+        if answer.get("alarms"):
+            logger.warning("the server raised drift alarms %s on this device's report (%d of %d inputs accepted)",
+                           answer["alarms"], body["accepted"], body["seen"])
+        self.reports.append(answer)
+        return answer
 
     def close(self):
         self.client.close()
@@ -413,11 +454,18 @@ class EdgeRunner:
             os.replace(tmp, log)
             out = open(log, "a")
 
+        window = []  # inputs processed since the last report
+
         def keep(record):
             records.append(record)
             if out is not None:
                 out.write(json.dumps(asdict(record)) + "\n")
                 out.flush()
+            if self.report_every and record.status != "not run":
+                window.append(record)
+                if len(window) >= self.report_every:
+                    self.send_report(window)
+                    window.clear()
 
         try:
             for i, (x, label) in pairs:
@@ -438,6 +486,8 @@ class EdgeRunner:
                                             f"input {i} ended the run: {exc}"))
                     raise
                 keep(record)
+            if window:
+                self.send_report(window)
         finally:
             if out is not None:
                 out.close()
