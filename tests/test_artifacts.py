@@ -366,13 +366,19 @@ def test_symbolic_expression_grammar():
             check_sym_expr(bad)
 
 
+@pytest.fixture(scope="module")
+def onnx_split(split, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("onnx_split")
+    save_split(*split["det"].export_split(), directory, split["X"][:4], formats=("pt2", "onnx"))
+    return directory
+
+
 @pytest.mark.parametrize("edit", ["shape", "dtype", "one payload more", "input shape"])
-def test_a_manifest_that_disagrees_with_its_files_is_refused_at_start(split, tmp_path, edit):
+def test_a_manifest_that_disagrees_with_its_files_is_refused_at_start(onnx_split, tmp_path, edit):
     """Resealed over the same files, a manifest with another cut is refused by load_split, the server and the
     edge runtimes at start (it used to start and answer 500 to every request)."""
-    X = split["X"]
     directory = tmp_path / "split"
-    save_split(*split["det"].export_split(), directory, X[:4], formats=("pt2", "onnx"))
+    shutil.copytree(onnx_split, directory)
 
     def change(manifest):
         payload = manifest["payload"]
@@ -426,3 +432,33 @@ def test_an_onnx_edge_naming_external_data_is_refused(tmp_path):
     rewrite_manifest(directory, files=["edge.onnx"])
     with pytest.raises(SplitVerificationError, match="edge.onnx: ONNX Runtime cannot load it"):
         load_edge_program(directory, runtime="onnxruntime")
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "declared sizes"])
+def test_program_reads_are_bounded(split, tmp_path, kind):
+    """edge.pt2 as a link to an endless device, a FIFO with no writer, or a zip whose directory declares more
+    bytes than the archive holds (a zip bomb): refused within seconds, before torch reads anything."""
+    import struct
+    import time
+
+    directory = copy_split(split, tmp_path)
+    program = directory / "edge.pt2"
+    if kind == "declared sizes":
+        buffer = io.BytesIO()  # the same members in Python's plain layout (no zip64 extra fields)
+        with zipfile.ZipFile(program) as src, zipfile.ZipFile(buffer, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(zipfile.ZipInfo(info.filename, info.date_time), src.read(info.filename))
+        data = bytearray(buffer.getvalue())
+        eocd = data.rfind(b"PK\x05\x06")
+        at = struct.unpack("<I", data[eocd + 16 : eocd + 20])[0]  # the first central-directory entry
+        data[at + 20 : at + 28] = struct.pack("<II", 0x7FFFFFFF, 0x7FFFFFFF)  # its packed and unpacked sizes
+        program.write_bytes(bytes(data))
+        rewrite_manifest(directory, files=["edge.pt2"])
+    else:
+        program.unlink()
+        program.symlink_to("/dev/zero") if kind.startswith("symlink") else os.mkfifo(program)
+    t0 = time.perf_counter()
+    with pytest.raises(SplitVerificationError, match="declares more bytes" if kind == "declared sizes" else
+                       "regular file"):
+        load_split(directory, parts=("edge",))
+    assert time.perf_counter() - t0 < 5

@@ -137,6 +137,28 @@ def test_an_edited_program_is_refused(device_split, tmp_path):
     load_edge_program(folder, "onnxruntime", "float32")  # the untouched files still load
 
 
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="needs executorch")
+def test_a_malformed_program_in_an_unsigned_split_is_refused(device_split, tmp_path):
+    """A .pte cut short, re-hashed into an unsigned manifest: ExecuTorch's flatbuffer verification refuses it at
+    load (its offsets point outside the bytes), as a SplitVerificationError."""
+    import hashlib
+    import json
+    import shutil
+
+    from earlin_sklearn.edge._manifest import seal
+
+    folder = tmp_path / "copy"
+    shutil.copytree(device_split["dir"], folder)
+    data = (folder / "edge.pte").read_bytes()
+    (folder / "edge.pte").write_bytes(data[: len(data) // 2])
+    manifest = json.loads((folder / "split.json").read_text())
+    manifest["files"]["edge.pte"] = hashlib.sha256(data[: len(data) // 2]).hexdigest()
+    manifest = seal({k: v for k, v in manifest.items() if k not in ("version", "signature")})
+    (folder / "split.json").write_text(json.dumps(manifest))
+    with pytest.raises(SplitVerificationError, match="edge.pte"):
+        load_edge_program(folder, "executorch", "float32")
+
+
 def test_auto_choice_and_clear_errors(device_split):
     manifest = read_manifest(device_split["dir"])
     _, program = load_edge_program(device_split["dir"])

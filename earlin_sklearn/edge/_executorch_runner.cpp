@@ -55,6 +55,14 @@ void* earlin_et_load(const void* data, size_t size, int threads, char* err, size
   program->threads = threads;
   program->module = std::make_unique<Module>(
       std::make_unique<BufferDataLoader>(program->bytes.data(), program->bytes.size()));
+  // the flatbuffer verifier first: every offset and size in the program inside its bytes (a crafted .pte read
+  // out of bounds otherwise); Minimal, the default, checks the header only
+  const auto verified = program->module->load(executorch::runtime::Program::Verification::InternalConsistency);
+  if (verified != executorch::runtime::Error::Ok) {
+    set_error(err, errlen, "the program failed ExecuTorch's verification (error " +
+                               std::to_string(static_cast<int>(verified)) + "): not a well-formed ExecuTorch program");
+    return nullptr;
+  }
   const auto status = program->module->load_method("forward");
   if (status != executorch::runtime::Error::Ok) {
     set_error(err, errlen, "the program's forward method did not load (error " +

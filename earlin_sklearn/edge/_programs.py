@@ -126,7 +126,10 @@ class EdgeProgram:
         elif self.runtime == "executorch":
             from ._executorch import ExecuTorchProgram
 
-            self._run = ExecuTorchProgram(data, self.threads)
+            try:
+                self._run = ExecuTorchProgram(data, self.threads)
+            except ValueError as exc:  # the runtime refused the program (verification, a missing operator)
+                raise SplitVerificationError(f"{name}: {exc}; refusing it.") from None
         else:  # PyTorch: the .pt2 after the same code-free check as load_split
             from .._pt2 import load_pt2
 
