@@ -102,8 +102,9 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["resnet20", "shufflenet"])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--seconds", type=float, default=8.0, help="load time per setting")
+    p.add_argument("--batching", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fleet"))
-    args = parse_args(p, argv, "fleet", models=["resnet20"], clients=[1, 4], seconds=0.5)
+    args = parse_args(p, argv, "fleet", models=["resnet20"], clients=[3], seconds=0.5, batching=["on"])
     import httpx
 
     torch.set_num_threads(1)  # the server runs one torch thread too: the ratios compare like with like
@@ -130,7 +131,8 @@ def main(argv=None):
                  "runs": []}
         print(name, "bare cloud part, inputs/s:", {b: round(v) for b, v in entry["bare_inputs_per_s"].items()},
               flush=True)
-        for setting, options in SETTINGS.items():
+        for setting in args.batching:
+            options = SETTINGS[setting]
             port = free_port()
             proc = start_server(work / "split", port, "--token-file", str(work / "token"), *options,
                                 global_options=("--threads", "1"))

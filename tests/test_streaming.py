@@ -227,8 +227,7 @@ def test_dask_workers_get_roomy_allocator_thresholds_for_a_task_and_back(monkeyp
             calls.append((param, value))
             return 1
 
-    monkeypatch.setattr(distributed_module.ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setattr(distributed_module.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(distributed_module, "glibc", lambda: FakeLibc())
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with distributed_module.roomy_allocator():  # not a Dask worker's environment: nothing changes
         pass
