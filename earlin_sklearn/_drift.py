@@ -47,8 +47,8 @@ class DriftMonitor:
     """
 
     def __init__(self, target_tpr, alpha=1e-4, window=10, max_devices=10000):
-        if not 0 < float(target_tpr) < 1:
-            raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}.")
+        if not 0 < float(target_tpr) <= 1:
+            raise ValueError(f"target_tpr must be in (0, 1]; got {target_tpr}.")
         self.rate, self.alpha, self.window, self.max_devices = float(target_tpr), float(alpha), int(window), int(max_devices)
         self.devices = {}  # device -> deque of (seen, accepted) of its last reports
         self.totals = collections.defaultdict(lambda: [0, 0])  # device -> [seen, accepted] since it started

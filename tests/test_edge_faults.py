@@ -78,6 +78,7 @@ def _close_clients():
 
 
 def runner_with(deployment, plan, retries=3, **kwargs):
+    kwargs.setdefault("report_every", 0)  # these tests count upload requests; reports are tests/test_fleet.py's
     runner = EdgeRunner(deployment["dir"], deployment["url"], upload="activations", retries=retries, backoff=0.0,
                         **kwargs)
     faulty = Faulty(deployment["url"], plan)

@@ -194,6 +194,8 @@ def test_drift_alarms_catch_a_drop_and_stay_quiet_at_the_target():
     assert any("device" in r for r in raised)
     assert not outside_band(95, 100, 0.95, 1e-4) and outside_band(60, 100, 0.95, 1e-4)
     assert outside_band(100_000, 100_000, 0.95, 1e-4)  # accepting everything is a drift too (a broken threshold)
+    everything = DriftMonitor(1.0)  # target_tpr=1: every ID input is accepted
+    assert everything.report("cam-4", 50, 50) == [] and "report" in everything.report("cam-4", 50, 49)
 
 
 def test_the_runner_reports_and_the_server_alarms(split, tmp_path):
