@@ -88,14 +88,14 @@ def extraction(model, X, layer, bs, label):
     return row
 
 
-def head_share(det, X):
+def head_share(det, X, calls=200):
     """Latency of the exported edge module against its bare prefix (the detector head's share: pooling + distances)."""
     edge, _ = det.export_split()
 
     rows = []
     for batch in (1, 64):
         x = X[:batch].contiguous()
-        n = 200 if batch == 1 else 20
+        n = calls if batch == 1 else max(2, calls // 10)
         with torch.inference_mode():
             t = interleaved({"prefix": lambda: [edge.prefix(x) for _ in range(n)],
                              "edge": lambda: [edge(x) for _ in range(n)]}, rounds=7)
@@ -217,8 +217,9 @@ def main(argv=None):
     p.add_argument("--data-dir", required=True)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--n-images", type=int, default=2048, help="images for the throughput measurements")
+    p.add_argument("--head-calls", type=int, default=200, help="calls per round of the head-share timing at batch 1")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed"))
-    args = parse_args(p, argv, "speed", n_images=64, batch_size=32)
+    args = parse_args(p, argv, "speed", n_images=64, batch_size=32, head_calls=20)
     torch.manual_seed(0)
     bs = args.batch_size
     (Xtr, ytr), (Xte, _), ood = load_sets(args.data_dir, max_ood=1000, n_noise=1000)
@@ -231,7 +232,7 @@ def main(argv=None):
     big = 4 if args.smoke else 64
     results["extraction"].append(extraction(r18, torch.randn(big, 3, 224, 224), "layer1", 32, "torchvision resnet18 (224x224)"))
     det = ShallowFeatureOODDetector(model, "layer1", batch_size=bs, device="cpu", n_threads=None).fit(Xtr, ytr)
-    results["head_share"] = head_share(det, Xte)
+    results["head_share"] = head_share(det, Xte, args.head_calls)
     results["tuning"] = tuning(model, Xtr, ytr.numpy(), ood["Tiny-ImageNet"], bs)
     X_eval = torch.cat([Xte, ood["Tiny-ImageNet"]])
     results["vs_pytorch_ood"] = versus_pytorch_ood(model, Xtr, ytr, X_eval, bs)
