@@ -30,6 +30,12 @@ numpydoc_class_members_toctree = False
 exclude_patterns = ["_build", "generated/*.examples", "**/README.md"]
 html_theme = "pydata_sphinx_theme"
 html_theme_options = {"navigation_depth": 2, "show_toc_level": 2}
+html_static_path = ["_static"]
+html_css_files = ["earlin.css"]  # long API names wrap; wide tables scroll (checked in tests/test_docs.py)
+# the left sidebar only where a section has pages under it: elsewhere it was an empty column that narrowed the
+# article (the benchmarks' summary table was cut at 1280 px)
+html_sidebars = {page: [] for page in ("benchmarks", "changelog", "edge_cloud", "edge_deployment", "security",
+                                       "serving", "user_guide")}
 html_title = f"earlin_sklearn {release}"
 
 sphinx_gallery_conf = {

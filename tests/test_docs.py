@@ -40,6 +40,22 @@ def test_docs_build_offline_without_warnings(tmp_path):
         assert list((tmp_path / "html" / "_images").glob(f"sphx_glr_{name}_001.png")), name
     assert (tmp_path / "html" / "generated" / "earlin_sklearn.ShallowFeatureOODDetector.html").exists()
     assert _untracked_and_ignored() <= before, "the docs build wrote into the checkout"
+    # rendering: metric names such as TNR@95 are not e-mail links; the page style that wraps long API names in
+    # titles and the sidebar and scrolls wide tables is on every page
+    pages = sorted((tmp_path / "html").rglob("*.html"))
+    assert not [p.name for p in pages if "mailto:" in p.read_text(errors="replace")]
+    assert (tmp_path / "html" / "_static" / "earlin.css").exists()
+    benchmarks = (tmp_path / "html" / "benchmarks.html").read_text()
+    assert "earlin.css" in benchmarks and "pst-scrollable-table-container" in benchmarks
+    # pages without sub-pages have no left column on wide screens (it was empty, and narrowed the tables)
+    assert 'class="bd-sidebar-primary bd-sidebar hide-on-wide"' in benchmarks
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:  # a real browser renders the page at 1280 px (Debian's chromium; headless, as root)
+        shot = tmp_path / "benchmarks.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--window-size=1280,1600", f"--screenshot={shot}", (tmp_path / "html" / "benchmarks.html").as_uri()],
+                       capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 50_000
 
 
 def _untracked_and_ignored():
