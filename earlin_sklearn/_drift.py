@@ -15,11 +15,8 @@ or a detector whose rate moved raises it.
 """
 
 import collections
-import re
 
 from scipy.stats import binom
-
-DEVICE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
 
 def outside_band(accepted, seen, rate, alpha):

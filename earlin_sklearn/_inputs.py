@@ -236,7 +236,6 @@ def validate_fit_images(estimator, X, batch_size):
         sample = first_input(X, batch_size, type(estimator).__name__)
         estimator.n_features_in_ = int(sample.shape[1]) if sample.ndim > 1 else 1
         return X, sample
-    refuse_iterators(estimator, X)
     if X is None or isinstance(X, (Number, str, bytes)) or getattr(X, "ndim", None) == 0:
         raise ValueError(f"{type(estimator).__name__}.fit takes ID images, an array or tensor of shape "
                          f"(N, C, H, W), a torch Dataset or a DataLoader; got {type(X).__name__} {X!r:.40}.")

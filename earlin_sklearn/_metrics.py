@@ -17,9 +17,6 @@ batch); from the edge reports: ``reports_total``, ``report_inputs_total{kind}``
 
 import time
 
-ROUTES = ("/livez", "/health", "/metrics", "/v1/activations", "/v1/raw", "/v1/report", "/docs", "/openapi.json")
-
-
 class ServerMetrics:
     """The server's Prometheus series, in a registry of their own."""
 
@@ -57,16 +54,19 @@ class ServerMetrics:
 
 
 class MetricsMiddleware:
-    """ASGI middleware counting every HTTP request by route and status, with its latency."""
+    """ASGI middleware counting every HTTP request by route and status, with its latency.
 
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
+    ``routes``: the app's own paths, the only label values (any other path counts as ``other``).
+    """
+
+    def __init__(self, app, metrics, routes):
+        self.app, self.metrics, self.routes = app, metrics, frozenset(routes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope.get("path", "")
-        route = route if route in ROUTES else "other"  # bounded label values, whatever paths clients try
+        route = route if route in self.routes else "other"  # bounded label values, whatever paths clients try
         status = {"code": 500}
         t0 = time.perf_counter()
 

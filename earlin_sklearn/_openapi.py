@@ -7,7 +7,7 @@ bearer token is a security scheme, as OpenAPI 3 wants for ``Authorization``.
 """
 
 from ._constants import COMPRESSIONS, ENCODINGS, IMAGE_FORMATS
-from .edge._wire import HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION
+from .edge._wire import DEVICE_ID, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, MAX_REPORT_INPUTS
 
 _ERROR = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}},
                                           "required": ["detail"]}}}
@@ -109,9 +109,9 @@ def report_route(version):
     """``openapi_extra`` and ``responses`` of ``POST /v1/report`` (an edge device's counts)."""
     body = {"application/json": {"schema": {
         "type": "object", "required": ["device", "seen", "accepted"],
-        "properties": {"device": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,64}$"},
-                       "seen": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
-                       "accepted": {"type": "integer", "minimum": 0, "maximum": 1_000_000,
+        "properties": {"device": {"type": "string", "pattern": f"^{DEVICE_ID.pattern}$"},
+                       "seen": {"type": "integer", "minimum": 0, "maximum": MAX_REPORT_INPUTS},
+                       "accepted": {"type": "integer", "minimum": 0, "maximum": MAX_REPORT_INPUTS,
                                     "description": "at most seen"},
                        "score_quantiles": {"type": "array", "maxItems": 16, "items": {"type": "number"}}}}}}
     answer = {"application/json": {"schema": {"type": "object", "properties": {

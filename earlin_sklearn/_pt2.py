@@ -133,30 +133,24 @@ def check_sym_expr(text):
 # ---- the string fields of torch's schema, each with its rule; a field without one is refused ----
 
 
-def _name(value):
-    if not _NAME.fullmatch(value):
-        raise _Refused(f"the name {value[:80]!r}, which is not an identifier")
+def _matching(pattern, what, empty_ok=False):
+    """A rule: the whole string matches ``pattern`` (the empty string too when ``empty_ok``)."""
+    def rule(value):
+        if not (empty_ok and value == "") and not pattern.fullmatch(value):
+            raise _Refused(f"{what} {value[:80]!r}")
+    return rule
 
 
-def _dotted(value):
-    if value and not _DOTTED.fullmatch(value):
-        raise _Refused(f"the module path {value[:80]!r}, which is not dotted identifiers")
+_name = _matching(_NAME, "the name, not an identifier,")
+_dotted = _matching(_DOTTED, "the module path, not dotted identifiers,", empty_ok=True)
+_symbol = _matching(_SYMBOL, "the symbol")
+_payload_path = _matching(re.compile(r"(weight|tensor)_[0-9]+"), "the tensor file")
 
 
 def _target(value):
     m = _TARGET.fullmatch(value)
     if not m or m.group(1) in _DENIED_OPS:
         raise _Refused(f"the node target {value[:80]!r}: only ATen tensor operators are allowed")
-
-
-def _symbol(value):
-    if not _SYMBOL.fullmatch(value):
-        raise _Refused(f"the symbol {value[:80]!r}")
-
-
-def _payload_path(value):
-    if not re.fullmatch(r"(weight|tensor)_[0-9]+", value):
-        raise _Refused(f"the tensor file {value[:80]!r}")
 
 
 def _short_text(value):

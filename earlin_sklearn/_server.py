@@ -17,18 +17,18 @@ import torch
 from ._allocator import IdleTrimmer
 from ._batching import DynamicBatcher, QueueFull
 from ._constants import COMPRESSIONS, IMAGE_FORMATS
-from ._drift import DEVICE_ID, DriftMonitor, TooManyDevices
+from ._drift import DriftMonitor, TooManyDevices
 from ._export import load_split
 from ._metrics import MetricsMiddleware, ServerMetrics
 from ._openapi import add_security_scheme, get_route, post_route, report_route
-from .edge._wire import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, compressed_limit,
+from .edge._wire import (DEVICE_ID, ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION,
+                         MAX_REPORT_INPUTS, compressed_limit,
                          decode, decode_image, decompress, encoded_size)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 MAX_REPORT_BYTES = 4096
-MAX_REPORT_INPUTS = 1_000_000
 LARGE_BODY = 1 << 20  # after requests this large, freed memory is handed back to the system once they stop
 
 
@@ -151,14 +151,18 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
         if scheme.lower() != "bearer" or not secrets.compare_digest(credentials.strip().encode(), str(token).encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def check(request, images=False):
+    def check_version(request, what="payload"):
+        """The token, then the split version the body was made for: 428 without one, 409 for another."""
         check_token(request)
         sent_version = request.headers.get(HEADER_VERSION)
         if sent_version is None:
-            raise HTTPException(428, f"{HEADER_VERSION} is required: the version of the split the payload was made "
+            raise HTTPException(428, f"{HEADER_VERSION} is required: the version of the split the {what} was made "
                                      f"for (this server runs {version})")
         if not secrets.compare_digest(sent_version.encode(), version.encode()):
-            raise HTTPException(409, f"payload is for model version {sent_version}; this server runs {version}")
+            raise HTTPException(409, f"{what} is for model version {sent_version}; this server runs {version}")
+
+    def check(request, images=False):
+        check_version(request)
         encoding = request.headers.get(HEADER_ENCODING, "float32")
         allowed = ENCODINGS + (IMAGE_FORMATS if images else ())
         if encoding not in allowed:
@@ -290,13 +294,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     async def report(request: Request):
         """An edge device's counts since its last report; drift alarms (a metric and a log line) when they leave the
         band the target TPR predicts (``earlin_sklearn/_drift.py``)."""
-        check_token(request)
-        sent_version = request.headers.get(HEADER_VERSION)
-        if sent_version is None:
-            raise HTTPException(428, f"{HEADER_VERSION} is required: the version of the split the device runs")
-        if not secrets.compare_digest(sent_version.encode(), version.encode()):
-            raise HTTPException(409, f"the report is from a device running version {sent_version}; this server "
-                                     f"runs {version}")
+        check_version(request, "report")
         body = await read_body(request, MAX_REPORT_BYTES)
         try:
             report = json.loads(body)
@@ -343,7 +341,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
 
     app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={route.path for route in app.routes})
     add_security_scheme(app)
     return app
 

@@ -19,7 +19,7 @@ import numpy as np
 from .._constants import COMPRESSIONS, IMAGE_FORMATS, UPLOADS
 from ..exceptions import EarlinWarning
 from ._programs import load_edge_program
-from ._wire import (ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, as_float32, compress,
+from ._wire import (DEVICE_ID, ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION, as_float32, compress,
                     encode, encode_image, encoded_size, preprocess, transfer_seconds)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -225,7 +225,7 @@ class EdgeRunner:
             raise ValueError("report_every must be >= 0 (0: no reports).")
         self.report_every = int(report_every)
         self.device = device if device is not None else re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())[:64]
-        if not re.fullmatch(r"[A-Za-z0-9._:@-]{1,64}", self.device):
+        if not DEVICE_ID.fullmatch(self.device):
             raise ValueError(f"device must be 1-64 of [A-Za-z0-9._:@-]; got {self.device!r}.")
         self.reports = []  # the server's answers to this runner's reports
 

@@ -16,6 +16,7 @@ silently wrong).
 """
 
 import io
+import re
 
 import numpy as np
 
@@ -25,6 +26,9 @@ HEADER_BATCH = "X-Earlin-Batch"
 HEADER_ENCODING = "X-Earlin-Encoding"
 HEADER_VERSION = "X-Earlin-Version"
 HEADER_COMPRESSION = "X-Earlin-Compression"
+# an edge report (POST /v1/report): the device id it carries, and the most inputs one report may count
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+MAX_REPORT_INPUTS = 1_000_000
 
 
 def as_float32(t):
