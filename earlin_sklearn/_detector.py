@@ -21,6 +21,20 @@ from ._torch import TorchStateMixin
 from .exceptions import EarlinWarning
 
 
+def head_scores(head, G):
+    """Scores of the ``select`` and ``distance`` steps on Yeo-Johnson-transformed features ``G``.
+
+    Rows that overflowed in the power transform (``inf``) are as far from ID
+    as can be: ``-inf`` (the edge head agrees).
+    """
+    scores = np.full(G.shape[0], -np.inf)
+    kept = np.isfinite(G).all(axis=1)
+    if kept.any():
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores[kept] = head.score_samples(G[kept])
+    return scores
+
+
 class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
     """Early OOD detection from a shallow layer of a frozen CNN (EARLIN).
 
@@ -309,6 +323,17 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
 
     def _set_fitted(self, features, gaussianize, moments):
         """The pipeline from the fitted tap and transform and the statistics of the transformed features."""
+        select, distance = self._fit_head(moments, stacklevel=5)
+        self.moments_ = moments
+        self.pipeline_ = Pipeline(
+            [("features", features), ("gaussianize", gaussianize), ("select", select), ("distance", distance)]
+        )
+        self.n_features_in_ = features.n_features_in_
+        if hasattr(features, "feature_names_in_"):
+            self.feature_names_in_ = features.feature_names_in_
+
+    def _fit_head(self, moments, stacklevel=4):
+        """The fitted ``select`` and ``distance`` steps from the statistics of the transformed features."""
         owner = type(self).__name__
         if moments.n_rows == 0:
             raise ValueError(f"{owner} found no images: the data is empty.")
@@ -317,7 +342,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             raise ValueError("class_conditional=True needs class labels y.")
         if labelled and self.class_conditional is not False:
             labelled = labels_usable(moments.class_counts(), owner, required=self.class_conditional is True,
-                                     stacklevel=4)
+                                     stacklevel=stacklevel)
         select = ChannelSelector(n_channels=self.n_channels, criterion=self.criterion)
         select._fit_moments(moments, labelled=labelled)
         select.n_features_in_ = moments.n_features
@@ -330,13 +355,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         distance._fit_moments(moments, columns=select.channels_,
                               labelled=labelled and self.class_conditional is not False, owner=owner)
         distance.n_features_in_ = int(select.channels_.size)
-        self.moments_ = moments
-        self.pipeline_ = Pipeline(
-            [("features", features), ("gaussianize", gaussianize), ("select", select), ("distance", distance)]
-        )
-        self.n_features_in_ = features.n_features_in_
-        if hasattr(features, "feature_names_in_"):
-            self.feature_names_in_ = features.feature_names_in_
+        return select, distance
 
     @property
     def offset_(self):
@@ -369,11 +388,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         scores = np.full(F.shape[0], -np.inf)
         finite = np.flatnonzero(np.isfinite(F).all(axis=1))
         if finite.size:
-            G = power_transform(self.pipeline_["gaussianize"], F[finite])
-            kept = np.isfinite(G).all(axis=1)
-            if kept.any():
-                with np.errstate(over="ignore", invalid="ignore"):
-                    scores[finite[kept]] = self.pipeline_[2:].score_samples(G[kept])
+            scores[finite] = head_scores(self.pipeline_[2:], power_transform(self.pipeline_["gaussianize"], F[finite]))
         return scores
 
     def export_split(self):

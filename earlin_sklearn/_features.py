@@ -174,6 +174,63 @@ def run_to_layer(module, layer_module, x, extra_modules=()):
     return [*(_tensor_output(t.output, "extra") for t in extras), out]
 
 
+class _PoolingTap:
+    """Forward hook that pools a module's output when it first returns (before any later in-place op can change
+    it, as ``nn.ReLU(inplace=True)`` after a norm does) and records the order the taps ran in."""
+
+    def __init__(self, log, name, pool):
+        self.log, self.name, self.pool = log, name, pool
+
+    def __call__(self, module, args, output):
+        if all(name != self.name for name, _, _ in self.log):
+            self.log.append((self.name, output, self.pool(_tensor_output(output, self.name))))
+
+
+class _AllTapped(Exception):
+    """Raised by the last tap to stop the forward pass."""
+
+
+def run_taps(module, names, x, pool, stop=True):
+    """Pool the outputs of the modules ``names`` in one forward pass of ``x``: ``[(name, output, pooled), ...]``.
+
+    In the order the modules first ran; with ``stop``, the pass stops as soon as
+    every one of them has run (the nested prefixes of several cut points cost
+    one pass to the deepest). Modules that never ran are missing.
+    """
+    log = []
+    names = list(dict.fromkeys(names))
+    taps = [_PoolingTap(log, name, pool) for name in names]
+
+    def last(module, args, output):
+        if stop and len(log) == len(names):
+            raise _AllTapped
+
+    handles = []
+    try:
+        for name, tap in zip(names, taps):
+            sub = module.get_submodule(name)
+            handles.append(sub.register_forward_hook(tap))
+            handles.append(sub.register_forward_hook(last))
+        module(x)
+    except _AllTapped:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return log
+
+
+def distinct_taps(log):
+    """``{name: first name}`` of a :func:`run_taps` log: taps that returned the very same tensor with the same
+    pooled values (ResNet's ``"layer1"`` returns its last block's output; an ``nn.Identity``, its input) map to
+    the first of them, so identical taps are computed once."""
+    same, seen = {}, []
+    for name, out, pooled in log:
+        same[name] = next((other for other, o, p in seen if o is out and torch.equal(p, pooled)), name)
+        seen.append((name, out, pooled))
+    return same
+
+
 def resolve_extra_layers(backbone, layer, extra_layers):
     """The extra taps of a detector at ``layer``: ``extra_layers`` itself, or the ``"auto"`` rule.
 
@@ -397,11 +454,13 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
             raise ValueError(f"{owner} found no images: the data is empty.")
         return np.concatenate(feats), labels_to_numpy(labels)
 
-    def _pooled_batches(self, X, owner):
+    def _pooled_batches(self, X, owner, taps=None):
         """``(features, labels)`` batch by batch (float64 features; labels as an array, or None).
 
         Only one batch of images and of features is held at a time: fits
-        stream through this.
+        stream through this. With ``taps`` (module names, in the order they
+        run), the features are those of every tap, pooled as each returns,
+        side by side, from one pass (:func:`run_taps`) instead of ``layer``'s.
         """
         torch_data = is_torch_data(X)
         if not torch_data:
@@ -412,12 +471,33 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
             for i, (x, y) in enumerate(bar):
                 if torch_data:
                     check_batch(x, owner, i, self.input_shape_)
-                yield self._pooled(x).astype(np.float64, copy=False), labels_to_numpy([y])
+                F = self._pooled(x) if taps is None else self._pooled_taps(x, taps)
+                yield F.astype(np.float64, copy=False), labels_to_numpy([y])
 
     def _pooled(self, x):
-        pooled = [pool_activation(a.float() if a.dtype in (torch.bfloat16, torch.float16) else a, self.pooling,
-                                  self.layout) for a in self._activations(x)]
-        return torch.cat(pooled, dim=1).double().cpu().numpy()  # float64 backbones keep their precision
+        return torch.cat(self._pooled_blocks(x), dim=1).double().cpu().numpy()  # float64 backbones keep theirs
+
+    def _pooled_blocks(self, x):
+        """The pooled features of each tap (``[*extra taps, layer]``), one ``(N, n_i)`` tensor each."""
+        return [self._pool(a) for a in self._activations(x)]
+
+    def _pool(self, activation):
+        a = activation.float() if activation.dtype in (torch.bfloat16, torch.float16) else activation
+        return pool_activation(a, self.pooling, self.layout)
+
+    def _tap_log(self, x, taps):
+        """:func:`run_taps` of a batch through ``module_`` (as :meth:`_activations` runs it)."""
+        with torch.inference_mode(), precision_context(self.device_, getattr(self, "precision", "float32")):
+            return run_taps(self.module_, taps, to_model_input(x, self.device_, input_dtype(self.module_)), self._pool)
+
+    def _pooled_taps(self, x, taps):
+        log = self._tap_log(x, taps)
+        if len(log) != len(taps):
+            ran = {name for name, _, _ in log}
+            raise ValueError(f"The tapped layer {next(t for t in taps if t not in ran)!r} was never called during "
+                             "the forward pass.")
+        order = {name: i for i, (name, _, _) in enumerate(log)}
+        return torch.cat([log[order[t]][2] for t in taps], dim=1).double().cpu().numpy()
 
     def _activations(self, x):
         """``[*extra taps, layer]`` activations of a batch."""

@@ -4,14 +4,28 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from sklearn.model_selection import GridSearchCV
+from joblib import Parallel, delayed
+from sklearn.model_selection import check_cv
+from sklearn.pipeline import Pipeline
+from tqdm.auto import tqdm
 
 from ._cost import count_flops
-from ._detector import ShallowFeatureOODDetector
-from ._torch import get_layer, input_dtype
-from ._scorers import make_pseudo_ood_scorer
+from ._detector import ShallowFeatureOODDetector, head_scores
+from ._distributed import DaskShards
+from ._features import BackboneFeatures, distinct_taps, resolve_extra_layers
+from ._inputs import is_torch_data, to_model_input, validate_fit_images
+from ._moments import FeatureMoments
+from ._passes import fit_power_transform, power_transform
+from ._scorers import PSEUDO_OOD, pseudo_ood_sets
 from ._split import available_split_points, split_model
+from ._torch import get_layer, input_dtype
+from .metrics import auroc
+
+PSEUDO_SEED = 0
+"""Seed of the pseudo-OOD images (that of :func:`make_pseudo_ood_scorer`'s default), the same for every candidate."""
+PSEUDO_PER_IMAGE = "one"
+"""Each held-out image gives one pseudo-OOD image, of one kind (:func:`pseudo_ood_sets`): the pass then runs
+two images per ID image, where three kinds each would run four."""
 
 
 def prefix_flops_share(backbone, layer, example, full_flops=None):
@@ -92,8 +106,11 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     """Recommend a detection layer (the cut) from ID data only.
 
     Each candidate layer within the edge budget (and each ``n_channels``) is
-    fitted on ID folds and scored by :func:`make_pseudo_ood_scorer` on the
-    held-out fold. The recommendation is the cheapest candidate whose score
+    fitted on ID folds and scored on the held-out fold against pseudo-OOD
+    images made from it (:func:`make_pseudo_ood_scorer` with
+    ``per_image="one"``). It takes one forward pass per image: the
+    candidates' prefixes are nested, so one pass to the deepest taps them
+    all, and the folds' detectors are fitted on those features. The recommendation is the cheapest candidate whose score
     ties with the best one (``tolerance``).
 
     Parameters
@@ -118,9 +135,10 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         one; the standard error scales with the scores' own noise.
     cv : int, default=3
     n_jobs : int, default=None
-        Passed to ``GridSearchCV``.
+        Folds fitted in parallel (joblib).
     **detector_params
-        Other :class:`ShallowFeatureOODDetector` parameters.
+        Other :class:`ShallowFeatureOODDetector` parameters (``verbose=1``
+        shows one progress bar over the whole search).
 
     Returns
     -------
@@ -143,10 +161,14 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     """
     if not (tolerance == "se" or (isinstance(tolerance, (int, float)) and tolerance >= 0)):
         raise ValueError(f"tolerance must be 'se' or a number >= 0; got {tolerance!r}.")
-    if not isinstance(X, torch.Tensor):
-        X = np.asarray(X)
+    if is_torch_data(X) or isinstance(X, DaskShards):
+        raise TypeError("recommend_layer needs X as an array or tensor of ID images (the folds need random "
+                        f"access); got {type(X).__name__}.")
+    template = ShallowFeatureOODDetector(backbone, "", **detector_params)
+    template._validate_params()
+    X, sample = validate_fit_images(template, X, template.batch_size)
     frozen = copy.deepcopy(backbone).eval()  # counting FLOPs runs it: never the user's model
-    example = torch.as_tensor(np.asarray(X[:1]), dtype=input_dtype(frozen))
+    example = to_model_input(sample, _device_of(frozen), input_dtype(frozen))
     candidates = list(layers) if layers is not None else default_candidates(frozen)
     for layer in candidates:
         get_layer(frozen, layer)  # a typo is an error, never silently dropped
@@ -163,22 +185,109 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     if not within:
         raise ValueError(f"No candidate layer runs within {100 * max_edge_flops:.0f}% of the model's FLOPs: "
                          f"{ {k: round(v, 3) for k, v in costs.items()} }.")
-    search = GridSearchCV(
-        ShallowFeatureOODDetector(backbone, within[0], **detector_params),
-        {"layer": within, "n_channels": list(n_channels)},
-        scoring=make_pseudo_ood_scorer(),
-        cv=cv,
-        n_jobs=n_jobs,
-        refit=False,
-    ).fit(X, y)
+    scores = _one_pass_scores(template, frozen, X, sample, y, within, list(n_channels), cv, n_jobs)
     table = [
-        {"layer": p["layer"], "n_channels": p["n_channels"], "edge_flops": costs[p["layer"]], "pseudo_auroc": float(s),
-         "pseudo_auroc_se": float(sd) / np.sqrt(search.n_splits_)}
-        for p, s, sd in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"],
-                            search.cv_results_["std_test_score"])
+        {"layer": layer, "n_channels": nc, "edge_flops": costs[layer], "pseudo_auroc": float(np.mean(s)),
+         "pseudo_auroc_se": float(np.std(s)) / np.sqrt(len(s))}
+        for (layer, nc), s in scores.items()
     ]
     row = pick(table, max_edge_flops, tolerance)
     over = [{"layer": layer, "edge_flops": costs[layer]} for layer in candidates
             if layer in costs and costs[layer] > max_edge_flops]
     return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]}, table,
                                max_edge_flops, tolerance, over)
+
+
+def _device_of(module):
+    """Where ``module``'s weights live (the CPU for a module without any)."""
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else "cpu"
+
+
+def _one_pass_scores(template, frozen, X, sample, y, within, n_channels, cv, n_jobs):
+    """Per-fold pseudo-OOD AUROC of every ``(layer, n_channels)`` candidate, from one forward pass per image.
+
+    The candidates' prefixes are nested, so one pass to the last tap that
+    runs yields every candidate's activations (and those of its extra taps):
+    each image of ``X`` and each pseudo-OOD image made from a held-out fold
+    runs once, never once per candidate. Each fold's detectors are fitted on
+    those features with the detector's own steps: the Yeo-Johnson transform
+    (fitted once on all the taps' columns: it is fitted per column, so each
+    candidate's columns get what a fit on them alone gives), the per-class
+    statistics, channel selection and the distance, and score the held-out
+    fold against the pseudo-OOD images made from it (:func:`make_pseudo_ood`,
+    as :func:`make_pseudo_ood_scorer` does).
+    """
+    owner = "recommend_layer"
+    extras = {layer: resolve_extra_layers(frozen, layer, template.extra_layers) for layer in within}
+    names = list(dict.fromkeys(name for layer in within for name in (*extras[layer], layer)))
+    runner = BackboneFeatures(
+        frozen, within[0], pooling=template.pooling, layout=template.layout, batch_size=template.batch_size,
+        device=template.device, n_threads=template.n_threads, precision=template.precision,
+    )._fit(sample, owner)
+    log = runner._tap_log(sample, names)
+    same = distinct_taps(log)
+    never = [name for name in names if name not in same]
+    if never:
+        raise ValueError(f"recommend_layer: {never[0]!r} is never called in the backbone's forward pass; "
+                         "choose layers that forward() uses.")
+    taps = list(dict.fromkeys(same[name] for name, _, _ in log))  # distinct outputs, in the order they run
+    width = {name: int(pooled.shape[1]) for name, _, pooled in log}
+    offsets = dict(zip(taps, np.cumsum([0, *[width[t] for t in taps[:-1]]])))
+
+    def columns(layer):
+        return tuple(int(c) for name in (*extras[layer], layer)
+                     for c in range(offsets[same[name]], offsets[same[name]] + width[same[name]]))
+
+    keys = {layer: columns(layer) for layer in within}
+    distinct = list(dict.fromkeys(keys.values()))  # identical features (ResNet's layer1 and layer1.2) fit once
+    labels = None if y is None else np.asarray(y)
+    if labels is not None and labels.shape != (len(X),):
+        raise ValueError(f"y must be 1-D with one label per image; got shape {labels.shape} for {len(X)} images.")
+    folds = list(check_cv(cv, labels, classifier=False).split(X, labels))
+    # one bar: every image forwarded, then each fold's fits weighted as a pass over its held-out images
+    n_steps = len(X) * (2 + (1 if PSEUDO_PER_IMAGE == "one" else len(PSEUDO_OOD)))
+    with tqdm(total=n_steps, desc="recommend_layer", disable=template.verbose <= 0) as bar:
+        def pooled(images):
+            parts = []
+            for F, _ in runner._pooled_batches(images, owner, taps):
+                parts.append(F)
+                bar.update(len(F))
+            return np.concatenate(parts)
+
+        F_id = pooled(X)
+        pseudo = [[pooled(P) for _, P in pseudo_ood_sets(X[test], PSEUDO_OOD, PSEUDO_SEED, PSEUDO_PER_IMAGE)]
+                  for _, test in folds]
+        params = {k: v for k, v in template.get_params(deep=False).items() if k not in ("backbone", "layer")}
+        per_fold = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_fold_scores)(params, F_id[train], None if labels is None else labels[train], F_id[test],
+                                  pseudo[i], distinct, n_channels)
+            for i, (train, test) in enumerate(folds))
+        results = []
+        for fold, (_, test) in zip(per_fold, folds):
+            results.append(fold)
+            bar.update(len(test))
+    return {(layer, nc): [fold[keys[layer], nc] for fold in results] for layer in within for nc in n_channels}
+
+
+def _fold_scores(params, F_train, y_train, F_test, F_pseudo, distinct, n_channels):
+    """``{(columns, n_channels): pseudo-OOD AUROC}`` of one fold (module-level: joblib workers pickle it)."""
+    owner = "recommend_layer"
+    if params["gaussianize"] is None:
+        G_train, G_test, G_pseudo = F_train, F_test, F_pseudo
+    else:
+        gaussianize = fit_power_transform(F_train, solver="newton")
+        G_train = power_transform(gaussianize, F_train, owner)
+        G_test = power_transform(gaussianize, F_test)
+        G_pseudo = [power_transform(gaussianize, F) for F in F_pseudo]
+    out = {}
+    for cols in distinct:
+        idx = np.asarray(cols)
+        moments = FeatureMoments(idx.size, 1).update(G_train[:, idx], y_train)
+        for nc in n_channels:
+            # the threshold is no part of a score: set in-sample (threshold_cv=None), it costs nothing
+            detector = ShallowFeatureOODDetector(None, "", **{**params, "n_channels": nc, "threshold_cv": None})
+            head = Pipeline(list(zip(("select", "distance"), detector._fit_head(moments))))
+            s_id = head_scores(head, G_test[:, idx])
+            out[cols, nc] = float(np.mean([auroc(s_id, head_scores(head, G[:, idx])) for G in G_pseudo]))
+    return out

@@ -3,6 +3,8 @@
 import numpy as np
 from sklearn.preprocessing import PowerTransformer
 
+from ._yeo_johnson import fitted_power_transformer, yeo_johnson_lambdas
+
 from ._inputs import batch_labels, labels_vector
 from ._moments import FeatureMoments
 from ._spill import FeatureSpill
@@ -17,11 +19,19 @@ from ._spill import FeatureSpill
 FEATURE_RESOLUTION = 1e-4
 
 
-def fit_power_transform(F):
-    """Yeo-Johnson (standardized) fitted on the ID features ``F``; float32-constant features kept as they are."""
-    transform = PowerTransformer(method="yeo-johnson", standardize=True)
-    with np.errstate(over="ignore", invalid="ignore"):
-        transform.fit(F)
+def fit_power_transform(F, solver="scipy"):
+    """Yeo-Johnson (standardized) fitted on the ID features ``F``; float32-constant features kept as they are.
+
+    ``solver="newton"`` finds the same maximum-likelihood lambdas for all
+    columns at once (:func:`yeo_johnson_lambdas`), several times faster on
+    many columns; ``"scipy"`` is scikit-learn's own per-column search.
+    """
+    if solver == "newton":
+        transform = fitted_power_transformer(F, yeo_johnson_lambdas(F))
+    else:
+        transform = PowerTransformer(method="yeo-johnson", standardize=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            transform.fit(F)
     F = np.asarray(F, dtype=np.float64)
     mean, std = F.mean(axis=0), F.std(axis=0)
     floor = FEATURE_RESOLUTION * np.abs(mean)

@@ -125,30 +125,49 @@ def make_pseudo_ood(X, kind, random_state=None):
     raise ValueError(f"kind must be one of {PSEUDO_OOD}; got {kind!r}.")
 
 
+def pseudo_ood_sets(X, kinds=PSEUDO_OOD, random_state=0, per_image="all"):
+    """The pseudo-OOD sets a :func:`make_pseudo_ood_scorer` scores ``X`` against: ``[(kind, images), ...]``.
+
+    ``per_image="all"``: every image of ``X`` gives one image of each kind.
+    ``"one"``: each image gives one pseudo-OOD image, of one kind: ``X`` is
+    dealt into ``len(kinds)`` parts at random (seeded by ``random_state``),
+    part ``k`` made into kind ``k``; a third of the images to run for three
+    kinds. ``"blur"`` is skipped for non-image (2-D) inputs.
+    """
+    X = _as_numpy(X)
+    kinds = [k for k in kinds if k != "blur" or X.ndim == 4]
+    if per_image == "all":
+        return [(k, make_pseudo_ood(X, k, random_state)) for k in kinds]
+    if per_image != "one":
+        raise ValueError(f'per_image must be "all" or "one"; got {per_image!r}.')
+    order = np.random.default_rng(random_state).permutation(len(X))
+    parts = [np.sort(order[i:: len(kinds)]) for i in range(len(kinds))]
+    return [(k, make_pseudo_ood(X[part], k, random_state)) for k, part in zip(kinds, parts) if part.size]
+
+
 class PseudoOODScorer:
     """Mean AUROC of the held-out ID fold against pseudo-OOD made from that fold.
 
     Made by :func:`make_pseudo_ood_scorer`.
     """
 
-    def __init__(self, kinds=PSEUDO_OOD, random_state=0):
+    def __init__(self, kinds=PSEUDO_OOD, random_state=0, per_image="all"):
         self.kinds = kinds
         self.random_state = random_state
+        self.per_image = per_image
 
     def __call__(self, estimator, X, y=None):
         X = _as_numpy(X)
-        kinds = [k for k in self.kinds if k != "blur" or X.ndim == 4]
         s_id = estimator.score_samples(X)
-        return float(np.mean([
-            auroc(s_id, estimator.score_samples(make_pseudo_ood(X, k, self.random_state)))
-            for k in kinds
-        ]))
+        return float(np.mean([auroc(s_id, estimator.score_samples(P))
+                              for _, P in pseudo_ood_sets(X, self.kinds, self.random_state, self.per_image)]))
 
     def __repr__(self):
-        return f"make_pseudo_ood_scorer(kinds={tuple(self.kinds)}, random_state={self.random_state})"
+        return (f"make_pseudo_ood_scorer(kinds={tuple(self.kinds)}, random_state={self.random_state}, "
+                f"per_image={self.per_image!r})")
 
 
-def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0):
+def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0, per_image="all"):
     """A scorer for ``GridSearchCV`` that needs no OOD data at all.
 
     It builds pseudo-OOD inputs from the held-out ID fold itself (see
@@ -170,6 +189,11 @@ def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0):
         ``"blur"`` is skipped for non-image (2-D) inputs.
     random_state : int, default=0
         Seed of the pseudo-OOD generation (the same for every candidate).
+    per_image : {"all", "one"}, default="all"
+        ``"all"``: each held-out image gives one pseudo-OOD image of every
+        kind; ``"one"``: one image of one kind (the fold dealt into a part
+        per kind, see :func:`pseudo_ood_sets`), a third of the forward passes,
+        which :func:`recommend_layer` uses.
 
     Returns
     -------
@@ -191,7 +215,9 @@ def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0):
     unknown = set(kinds) - set(PSEUDO_OOD)
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {PSEUDO_OOD}; got {kinds!r}.")
-    return PseudoOODScorer(tuple(kinds), random_state)
+    if per_image not in ("all", "one"):
+        raise ValueError(f'per_image must be "all" or "one"; got {per_image!r}.')
+    return PseudoOODScorer(tuple(kinds), random_state, per_image)
 
 
 def held_out_class_auroc(estimator, X, y, n_folds=5, val_fraction=0.2, random_state=0):

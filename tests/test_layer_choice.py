@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,37 @@ def test_pick_one_standard_error_rule():
     assert pick(table, 0.25, "se")["layer"] == "b"
     with pytest.raises(ValueError, match="No candidate"):
         pick(table, 0.05)
+
+
+def test_one_pass_scores_equal_a_grid_search_refit_per_candidate():
+    """The one-pass recommendation fits the detector's own steps on shared features: its per-candidate scores
+    equal GridSearchCV's refits of ShallowFeatureOODDetector (same folds, same pseudo-OOD images)."""
+    from sklearn.model_selection import GridSearchCV
+
+    from earlin_sklearn import ShallowFeatureOODDetector, make_pseudo_ood_scorer
+    from earlin_sklearn.models import cifar_resnet
+
+    torch.manual_seed(0)
+    net = cifar_resnet(20).eval()
+    X = torch.randn(90, 3, 32, 32).numpy()
+    y = np.arange(90) % 3
+    layers = ["relu", "layer1.0", "layer1", "layer1.2"]
+    rec = recommend_layer(net, X, y, layers=layers, max_edge_flops=0.6, cv=3)
+    search = GridSearchCV(ShallowFeatureOODDetector(net, "relu"), {"layer": layers},
+                          scoring=make_pseudo_ood_scorer(per_image="one"), cv=3, refit=False).fit(X, y)
+    old = dict(zip([p["layer"] for p in search.cv_results_["params"]], search.cv_results_["mean_test_score"]))
+    for row in rec.table:
+        assert row["pseudo_auroc"] == pytest.approx(old[row["layer"]], abs=1e-3)
+    by_layer = {r["layer"]: r["pseudo_auroc"] for r in rec.table}
+    assert by_layer["layer1"] == by_layer["layer1.2"]  # the same tensor: computed once
+
+
+def test_one_pass_pools_a_tap_before_a_later_in_place_op():
+    """A norm followed by ReLU(inplace=True): the norm's tap holds its own output, not the ReLU's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                              torch.nn.Conv2d(4, 4, 3)).eval()
+    X = torch.randn(60, 3, 12, 12).numpy()
+    rec = recommend_layer(net, X, layers=["1", "2"], max_edge_flops=1.0, cv=2)
+    scores = {r["layer"]: r["pseudo_auroc"] for r in rec.table}
+    assert scores["1"] != scores["2"]

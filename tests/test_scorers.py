@@ -107,3 +107,27 @@ def test_held_out_class_auroc_takes_any_label_type_alike():
     np.testing.assert_array_equal(by_name, held_out_class_auroc(det, X, codes, n_folds=2))
     np.testing.assert_array_equal(by_name, held_out_class_auroc(det, torch.from_numpy(X), torch.from_numpy(codes),
                                                                 n_folds=2))
+
+
+def test_yeo_johnson_newton_lambdas_match_scikit_learn():
+    from sklearn.preprocessing import PowerTransformer
+
+    from earlin_sklearn._yeo_johnson import yeo_johnson_lambdas
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.normal(size=3000), rng.normal(size=3000) ** 2, -np.abs(rng.normal(size=3000)) ** 3,
+                         rng.exponential(size=3000) * 50, rng.lognormal(size=3000), np.full(3000, 3.0),
+                         np.zeros(3000), rng.standard_t(3, size=3000), rng.uniform(size=3000)])
+    expected = PowerTransformer().fit(X).lambdas_
+    np.testing.assert_allclose(yeo_johnson_lambdas(X), expected, atol=1e-5)
+
+
+def test_pseudo_ood_sets_one_per_image_deals_every_image_once():
+    from earlin_sklearn._scorers import pseudo_ood_sets
+
+    X = np.random.default_rng(0).random((31, 3, 8, 8), dtype=np.float32)
+    sets = pseudo_ood_sets(X, per_image="one")
+    assert [k for k, _ in sets] == ["shuffle", "blur", "noise"]
+    assert sum(len(P) for _, P in sets) == 31
+    with pytest.raises(ValueError, match="per_image"):
+        pseudo_ood_sets(X, per_image="two")

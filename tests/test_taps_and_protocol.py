@@ -183,20 +183,14 @@ def test_choices_never_see_ood_data(monkeypatch):
         return out
 
     seen = []
-    real_score = ShallowFeatureOODDetector.score_samples
-    real_fit = ShallowFeatureOODDetector.fit
+    real_pooled = BackboneFeatures._pooled_batches
 
-    def traced_score(self, Z):
+    def traced_pooled(self, Z, owner, taps=None):  # every image the backbone runs in the one pass
         seen.append(("score", np.asarray(Z, dtype=np.float32)))
-        return real_score(self, Z)
-
-    def traced_fit(self, Z, y=None):
-        seen.append(("fit", np.asarray(Z, dtype=np.float32)))
-        return real_fit(self, Z, y)
+        return real_pooled(self, Z, owner, taps)
 
     monkeypatch.setattr(scorers, "make_pseudo_ood", traced_make)
-    monkeypatch.setattr(ShallowFeatureOODDetector, "score_samples", traced_score)
-    monkeypatch.setattr(ShallowFeatureOODDetector, "fit", traced_fit)
+    monkeypatch.setattr(BackboneFeatures, "_pooled_batches", traced_pooled)
     rec = recommend_layer(net, X, y, layers=["relu", "layer1"], max_edge_flops=1.0, cv=2)
     assert rec.layer in {"relu", "layer1"}
     assert any(kind == "score" for kind, _ in seen) and made_from_id
