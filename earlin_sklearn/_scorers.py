@@ -192,7 +192,7 @@ def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0, per_image="all"):
     per_image : {"all", "one"}, default="all"
         ``"all"``: each held-out image gives one pseudo-OOD image of every
         kind; ``"one"``: one image of one kind (the fold dealt into a part
-        per kind, see :func:`pseudo_ood_sets`), a third of the forward passes,
+        per kind), a third of the forward passes,
         which :func:`recommend_layer` uses.
 
     Returns
