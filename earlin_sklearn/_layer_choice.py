@@ -24,7 +24,7 @@ from .metrics import auroc
 PSEUDO_SEED = 0
 """Seed of the pseudo-OOD images (that of :func:`make_pseudo_ood_scorer`'s default), the same for every candidate."""
 PSEUDO_PER_IMAGE = "one"
-"""Each held-out image gives one pseudo-OOD image, of one kind (:func:`pseudo_ood_sets`): the pass then runs
+"""Each held-out image gives one pseudo-OOD image, of one kind (``pseudo_ood_sets``): the pass then runs
 two images per ID image, where three kinds each would run four."""
 
 
