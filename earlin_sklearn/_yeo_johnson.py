@@ -161,9 +161,6 @@ def fitted_power_transformer(X, lambdas):
     transform.n_features_in_ = X.shape[1]
     sign = np.where(X >= 0, 1.0, -1.0)
     t = np.where(sign > 0, transform.lambdas_, 2.0 - transform.lambdas_)
-    Z = sign * _pieces(t, np.log1p(np.abs(X)), derivatives=False)[0]
-    log = t == 0  # lambda 0 (or 2 for negative values): the logarithm, where g's series holds exactly L
-    if log.any():
-        Z[log] = (sign * np.log1p(np.abs(X)))[log]
+    Z = sign * _pieces(t, np.log1p(np.abs(X)), derivatives=False)[0]  # t = 0 (the logarithm): the series' L
     transform._scaler = StandardScaler(copy=False).set_output(transform="default").fit(Z)
     return transform
