@@ -28,6 +28,30 @@ def count_flops(module, *args):
     return int(counter.get_total_flops())
 
 
+def flops_at_returns(module, names, *args):
+    """FLOPs (as :func:`count_flops`) the forward pass has run when each module of ``names`` first returns.
+
+    One call of ``module``: ``({name: FLOPs so far}, total FLOPs)``. For a cut
+    point that is the cost of :func:`split_model`'s edge part up to it (the
+    prefix computes exactly what runs before the cut), for every cut point at
+    once. Modules that never ran are missing from the dict.
+    """
+    at = {}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        def recorder(name):
+            def record(_module, _args, _output):
+                at.setdefault(name, int(counter.get_total_flops()))
+            return record
+
+        handles = [module.get_submodule(name).register_forward_hook(recorder(name)) for name in dict.fromkeys(names)]
+        try:
+            module(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return at, int(counter.get_total_flops())
+
+
 def count_parameters(module):
     return int(sum(p.numel() for p in module.parameters()))
 

@@ -332,8 +332,11 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         if hasattr(features, "feature_names_in_"):
             self.feature_names_in_ = features.feature_names_in_
 
-    def _fit_head(self, moments, stacklevel=4):
-        """The fitted ``select`` and ``distance`` steps from the statistics of the transformed features."""
+    def _fit_head(self, moments, stacklevel=4, threshold=True):
+        """The fitted ``select`` and ``distance`` steps from the statistics of the transformed features.
+
+        ``threshold=False``: no decision threshold (``offset_``), for a head that is only scored.
+        """
         owner = type(self).__name__
         if moments.n_rows == 0:
             raise ValueError(f"{owner} found no images: the data is empty.")
@@ -353,7 +356,8 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             threshold_cv=self.threshold_cv,
         )
         distance._fit_moments(moments, columns=select.channels_,
-                              labelled=labelled and self.class_conditional is not False, owner=owner)
+                              labelled=labelled and self.class_conditional is not False, owner=owner,
+                              threshold=threshold)
         distance.n_features_in_ = int(select.channels_.size)
         return select, distance
 

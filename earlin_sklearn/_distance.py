@@ -221,12 +221,13 @@ class DistanceDetector(PartialFitMixin, ThresholdMixin, OutlierMixin, BaseEstima
         self.moments_.update(X, y if use_classes else None)
         return self._fit_moments(self.moments_)
 
-    def _fit_moments(self, moments, columns=None, labelled=None, owner=None):
+    def _fit_moments(self, moments, columns=None, labelled=None, owner=None, threshold=True):
         """Fitted attributes from the statistics ``moments`` (of the ``columns`` given, or all).
 
         ``labelled``: whether to use class centroids, when the caller has
         decided it (a composite, which names itself in the warning); None
         decides from the class counts here. ``owner`` names the estimator the user called in errors.
+        ``threshold=False`` leaves out ``offset_`` (a model only scored, never asked to decide).
         """
         owner = owner or type(self).__name__
         if moments.n_rows < 2:
@@ -238,7 +239,8 @@ class DistanceDetector(PartialFitMixin, ThresholdMixin, OutlierMixin, BaseEstima
         self.classes_ = None if pooled else moments.class_labels()
         self.centroids_, self.precision_ = self._model(moments, None, pooled, columns, check=owner)[1:]
         self.whitening_ = None if self.precision_ is None else whitening_from_precision(self.precision_)
-        self.offset_ = offset_for_tpr(self._threshold_scores(moments, pooled, columns), self.target_tpr)
+        if threshold:
+            self.offset_ = offset_for_tpr(self._threshold_scores(moments, pooled, columns), self.target_tpr)
         return self
 
     def _model(self, moments, exclude_fold, pooled, columns, check=None):

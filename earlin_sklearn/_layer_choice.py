@@ -9,13 +9,14 @@ from sklearn.model_selection import check_cv
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from ._cost import count_flops
+from ._cost import count_flops, flops_at_returns
 from ._detector import ShallowFeatureOODDetector, head_scores
 from ._distributed import DaskShards
 from ._features import BackboneFeatures, distinct_taps, resolve_extra_layers
 from ._inputs import is_torch_data, to_model_input, validate_fit_images
 from ._moments import FeatureMoments
 from ._passes import fit_power_transform, power_transform
+from ._yeo_johnson import coarse_lambdas
 from ._scorers import PSEUDO_OOD, pseudo_ood_sets
 from ._split import available_split_points, split_model
 from ._torch import get_layer, input_dtype
@@ -172,15 +173,18 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
     candidates = list(layers) if layers is not None else default_candidates(frozen)
     for layer in candidates:
         get_layer(frozen, layer)  # a typo is an error, never silently dropped
-    full_flops = count_flops(frozen, example)
-    costs = {}
-    for layer in candidates:
-        try:
-            costs[layer] = prefix_flops_share(frozen, layer, example, full_flops)
-        except ValueError as exc:
-            if layers is not None:
+    if layers is not None:
+        for layer in candidates:  # the user's own candidates: checked up front, before any fitting
+            try:
+                split_model(frozen, layer)
+            except ValueError as exc:
                 raise ValueError(f"recommend_layer: {layer!r} cannot be a cut point: {exc}") from exc
-            continue  # a default candidate that is not a valid cut point
+    at, full_flops = flops_at_returns(frozen, candidates, example)  # every prefix's cost from one pass
+    missing = [layer for layer in candidates if layer not in at]
+    if layers is not None and missing:
+        raise ValueError(f"recommend_layer: {missing[0]!r} is never called in the backbone's forward pass; "
+                         "choose layers that forward() uses.")
+    costs = {layer: at[layer] / max(full_flops, 1) for layer in candidates if layer in at}
     within = [layer for layer in candidates if layer in costs and costs[layer] <= max_edge_flops]
     if not within:
         raise ValueError(f"No candidate layer runs within {100 * max_edge_flops:.0f}% of the model's FLOPs: "
@@ -192,6 +196,15 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         for (layer, nc), s in scores.items()
     ]
     row = pick(table, max_edge_flops, tolerance)
+    while layers is None:  # a default candidate is checked to be a cut point once chosen: one trace, not one each
+        try:
+            split_model(frozen, row["layer"])
+            break
+        except ValueError:
+            table = [r for r in table if r["layer"] != row["layer"]]
+            if not table:
+                raise
+            row = pick(table, max_edge_flops, tolerance)
     over = [{"layer": layer, "edge_flops": costs[layer]} for layer in candidates
             if layer in costs and costs[layer] > max_edge_flops]
     return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": row["n_channels"]}, table,
@@ -259,9 +272,11 @@ def _one_pass_scores(template, frozen, X, sample, y, within, n_channels, cv, n_j
         pseudo = [[pooled(P) for _, P in pseudo_ood_sets(X[test], PSEUDO_OOD, PSEUDO_SEED, PSEUDO_PER_IMAGE)]
                   for _, test in folds]
         params = {k: v for k, v in template.get_params(deep=False).items() if k not in ("backbone", "layer")}
+        # every fold's Yeo-Johnson solve starts from one coarse solve on a sample of all the ID rows
+        start = None if template.gaussianize is None else coarse_lambdas(F_id)
         per_fold = Parallel(n_jobs=n_jobs, return_as="generator")(
             delayed(_fold_scores)(params, F_id[train], None if labels is None else labels[train], F_id[test],
-                                  pseudo[i], distinct, n_channels)
+                                  pseudo[i], distinct, n_channels, start)
             for i, (train, test) in enumerate(folds))
         results = []
         for fold, (_, test) in zip(per_fold, folds):
@@ -270,13 +285,13 @@ def _one_pass_scores(template, frozen, X, sample, y, within, n_channels, cv, n_j
     return {(layer, nc): [fold[keys[layer], nc] for fold in results] for layer in within for nc in n_channels}
 
 
-def _fold_scores(params, F_train, y_train, F_test, F_pseudo, distinct, n_channels):
+def _fold_scores(params, F_train, y_train, F_test, F_pseudo, distinct, n_channels, start):
     """``{(columns, n_channels): pseudo-OOD AUROC}`` of one fold (module-level: joblib workers pickle it)."""
     owner = "recommend_layer"
     if params["gaussianize"] is None:
         G_train, G_test, G_pseudo = F_train, F_test, F_pseudo
     else:
-        gaussianize = fit_power_transform(F_train, solver="newton")
+        gaussianize = fit_power_transform(F_train, solver="newton", start=start)
         G_train = power_transform(gaussianize, F_train, owner)
         G_test = power_transform(gaussianize, F_test)
         G_pseudo = [power_transform(gaussianize, F) for F in F_pseudo]
@@ -285,9 +300,9 @@ def _fold_scores(params, F_train, y_train, F_test, F_pseudo, distinct, n_channel
         idx = np.asarray(cols)
         moments = FeatureMoments(idx.size, 1).update(G_train[:, idx], y_train)
         for nc in n_channels:
-            # the threshold is no part of a score: set in-sample (threshold_cv=None), it costs nothing
-            detector = ShallowFeatureOODDetector(None, "", **{**params, "n_channels": nc, "threshold_cv": None})
-            head = Pipeline(list(zip(("select", "distance"), detector._fit_head(moments))))
+            detector = ShallowFeatureOODDetector(None, "", **{**params, "n_channels": nc})
+            # the threshold is no part of a score: not set
+            head = Pipeline(list(zip(("select", "distance"), detector._fit_head(moments, threshold=False))))
             s_id = head_scores(head, G_test[:, idx])
             out[cols, nc] = float(np.mean([auroc(s_id, head_scores(head, G[:, idx])) for G in G_pseudo]))
     return out

@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.preprocessing import PowerTransformer
 
-from ._yeo_johnson import fitted_power_transformer, yeo_johnson_lambdas
+from ._yeo_johnson import fitted_power_transformer, yeo_johnson_lambdas, yeo_johnson_transform
 
 from ._inputs import batch_labels, labels_vector
 from ._moments import FeatureMoments
@@ -19,15 +19,16 @@ from ._spill import FeatureSpill
 FEATURE_RESOLUTION = 1e-4
 
 
-def fit_power_transform(F, solver="scipy"):
+def fit_power_transform(F, solver="scipy", start=None):
     """Yeo-Johnson (standardized) fitted on the ID features ``F``; float32-constant features kept as they are.
 
     ``solver="newton"`` finds the same maximum-likelihood lambdas for all
-    columns at once (:func:`yeo_johnson_lambdas`), several times faster on
-    many columns; ``"scipy"`` is scikit-learn's own per-column search.
+    columns at once (:func:`yeo_johnson_lambdas`, from the lambdas ``start``
+    when given), several times faster on many columns; ``"scipy"`` is
+    scikit-learn's own per-column search.
     """
     if solver == "newton":
-        transform = fitted_power_transformer(F, yeo_johnson_lambdas(F))
+        transform = fitted_power_transformer(F, yeo_johnson_lambdas(F, start=start))
     else:
         transform = PowerTransformer(method="yeo-johnson", standardize=True)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -50,6 +51,10 @@ def fit_power_transform(F, solver="scipy"):
 def power_transform(gaussianize, F, owner=None):
     """The fitted Yeo-Johnson transform of features ``F``.
 
+    The same values as ``gaussianize.transform(F)`` (checked in the tests),
+    computed for all columns at once (:func:`yeo_johnson_transform`) where
+    scikit-learn calls SciPy once per column.
+
     ``x ** lambda`` can overflow for finite features far outside the ID
     range. In a fit (``owner`` given) that is refused with a clear error; in
     scoring those rows come back as ``inf``, which scores as far from ID as
@@ -57,23 +62,25 @@ def power_transform(gaussianize, F, owner=None):
     """
     if gaussianize == "passthrough":
         return F
+    if not (isinstance(gaussianize, PowerTransformer) and gaussianize.method == "yeo-johnson"
+            and gaussianize.standardize):
+        raise TypeError(f"gaussianize must be a fitted PowerTransformer(method='yeo-johnson', standardize=True) or "
+                        f"'passthrough'; got {gaussianize!r}.")
+    F = np.asarray(F, dtype=np.float64)
+    if F.ndim != 2 or F.shape[1] != gaussianize.lambdas_.size:
+        raise ValueError(f"The power transform was fitted on {gaussianize.lambdas_.size} features; got an array of "
+                         f"shape {F.shape}.")
+    scaler = gaussianize._scaler
     with np.errstate(over="ignore", invalid="ignore"):
-        try:
-            return gaussianize.transform(F)
-        except ValueError as exc:  # the transform's own scaler refuses the inf it produced
-            if "infinity" not in str(exc):
-                raise
-            if owner is not None:
-                raise ValueError(f"{owner}: the power transform (gaussianize) overflowed on these images' features: "
-                                 "their activations lie far outside those of the first ID images. Check their "
-                                 "scale and normalization.") from None
-            out = np.full(F.shape, np.inf)
-            for i in range(F.shape[0]):  # only batches holding such a row take this path
-                try:
-                    out[i] = gaussianize.transform(F[i : i + 1])[0]
-                except ValueError:
-                    pass
-            return out
+        G = (yeo_johnson_transform(F, gaussianize.lambdas_) - scaler.mean_) / scaler.scale_
+    overflowed = ~np.isfinite(G).all(axis=1)
+    if overflowed.any():
+        if owner is not None:
+            raise ValueError(f"{owner}: the power transform (gaussianize) overflowed on these images' features: "
+                             "their activations lie far outside those of the first ID images. Check their "
+                             "scale and normalization.")
+        G[overflowed] = np.inf
+    return G
 
 
 def with_labels(batches, y, owner):

@@ -75,26 +75,43 @@ def _bounds(x):
     return lb2, ub2
 
 
-def yeo_johnson_lambdas(X, max_iter=40, xtol=1e-7, chunk=64):
-    """:func:`_lambdas` of ``chunk`` columns at a time: the temporaries then stay in the CPU's cache (on 1,680
-    columns of 3,390 rows, 64 at a time is 3x faster than all at once)."""
+def yeo_johnson_lambdas(X, max_iter=40, xtol=1e-7, chunk=16, start=None):
+    """:func:`_lambdas` of ``chunk`` columns at a time: the temporaries then stay in the CPU's cache.
+
+    ``start``: lambdas to start each column's iteration from (those of
+    :func:`coarse_lambdas` on rows that overlap ``X``'s, as the folds of one
+    data set do); by default a coarse solve on some of ``X``'s own rows.
+    """
     X = np.asarray(X, dtype=np.float64)
-    return np.concatenate([_lambdas(X[:, i: i + chunk], max_iter, xtol) for i in range(0, X.shape[1], chunk)]) \
+    if not X.shape[1]:
+        return np.ones(0)
+    if start is None:
+        start = coarse_lambdas(X) if X.shape[0] > 2 * _COARSE_ROWS else np.ones(X.shape[1])
+    start = np.asarray(start, dtype=np.float64)
+    return np.concatenate([_lambdas(X[:, i: i + chunk], start[i: i + chunk], max_iter, xtol)
+                           for i in range(0, X.shape[1], chunk)])
+
+
+def coarse_lambdas(X, max_iter=40, chunk=16):
+    """Approximate lambdas (``xtol`` 1e-5) from 1,024 evenly spaced rows of ``X``: where to start the full solve."""
+    X = np.asarray(X, dtype=np.float64)
+    rows = X[np.linspace(0, X.shape[0] - 1, min(X.shape[0], _COARSE_ROWS)).astype(np.intp)]
+    return np.concatenate([_lambdas(rows[:, i: i + chunk], np.ones(rows[:, i: i + chunk].shape[1]), max_iter, 1e-5,
+                                    fallback=False) for i in range(0, X.shape[1], chunk)]) \
         if X.shape[1] else np.ones(0)
 
 
-def _lambdas(X, max_iter, xtol):
+def _lambdas(X, start, max_iter, xtol, fallback=True):
     """Maximum-likelihood Yeo-Johnson lambda of each column of ``X`` (finite, float64), as SciPy finds it.
 
-    Constant columns get 1, as scikit-learn gives them (its test for a
-    constant column: a variance within the rounding of its mean). On many
-    rows, a first solve on 1,024 of them (evenly spaced) starts each column
-    near its optimum, so that the full-data iterations are few. A column
-    whose Newton iteration does not settle within ``max_iter`` steps (a flat
-    likelihood: a column of tiny spread, whose lambda runs off to hundreds)
-    is handed to :func:`scipy.stats.yeojohnson_normmax`.
+    Newton's method from ``start``. Constant columns get 1, as scikit-learn
+    gives them (its test for a constant column: a variance within the
+    rounding of its mean). A column whose Newton iteration does not settle
+    within ``max_iter`` steps (a flat likelihood: a column of tiny spread,
+    whose lambda runs off to hundreds) is handed to
+    :func:`scipy.stats.yeojohnson_normmax` (with ``fallback``; else it keeps
+    where the iteration ended).
     """
-    X = np.asarray(X, dtype=np.float64)
     n, m = X.shape
     lmbda = np.ones(m)
     mean, var = X.mean(axis=0), X.var(axis=0)
@@ -105,18 +122,15 @@ def _lambdas(X, max_iter, xtol):
         return lmbda
     sub = X[:, active]
     lb, ub = _bounds(sub)
-    start = np.ones(active.size)
-    if n > 2 * _COARSE_ROWS:
-        rows = np.linspace(0, n - 1, _COARSE_ROWS).astype(np.intp)
-        start, _ = _newton(sub[rows], np.clip(start, lb, ub), lb, ub, max_iter, 1e-5)
-    lam, done = _newton(sub, np.clip(start, lb, ub), lb, ub, max_iter, xtol)
-    for j in np.flatnonzero(~done):  # did not settle: SciPy's own search
+    lam, done = _newton(sub, np.clip(np.nan_to_num(start[active], nan=1.0), lb, ub), lb, ub, max_iter, xtol)
+    for j in np.flatnonzero(~done) if fallback else ():  # did not settle: SciPy's own search
         lam[j] = stats.yeojohnson_normmax(sub[:, j])
     lmbda[active] = lam
     return lmbda
 
 
 _COARSE_ROWS = 1024
+_TRUSTED_STEP = 0.05
 
 
 def _newton(X, lam, lb, ub, max_iter, xtol):
@@ -137,16 +151,36 @@ def _newton(X, lam, lb, ub, max_iter, xtol):
         step = np.where(hess < 0, -grad / np.where(hess < 0, hess, -1.0), np.sign(grad))
         step = np.clip(np.nan_to_num(step), -2.0, 2.0)
         new = np.clip(lam[idx] + step, lb[idx], ub[idx])
-        for _ in range(30):  # halve the steps that lower the likelihood
-            ll_new = _log_likelihood(new, Li, si, S[idx], n, derivatives=False)[0]
-            worse = ~(ll_new >= ll - 1e-12 * np.abs(ll))
+        # halve the steps that lower the likelihood; a short Newton step where it is concave is taken as it is
+        # (near the optimum, where most steps are: checking it would cost a second evaluation per step)
+        check = np.flatnonzero(~((hess < 0) & (np.abs(step) <= _TRUSTED_STEP)))
+        for _ in range(30 if check.size else 0):
+            cols = idx[check]
+            ll_new = _log_likelihood(new[check], Li[:, check], si[:, check], S[cols], n, derivatives=False)[0]
+            worse = ~(ll_new >= ll[check] - 1e-12 * np.abs(ll[check]))
             if not worse.any():
                 break
-            new = np.where(worse, (lam[idx] + new) / 2, new)
+            new[check] = np.where(worse, (lam[cols] + new[check]) / 2, new[check])
         moved = np.abs(new - lam[idx])
         lam[idx] = new
         done[idx] = moved <= xtol * (1 + np.abs(new))
     return lam, done
+
+
+def yeo_johnson_transform(X, lambdas):
+    """The Yeo-Johnson transform of each column of ``X`` with its lambda, as array arithmetic (float64).
+
+    What :func:`scipy.stats.yeojohnson` computes column by column (and
+    scikit-learn's :class:`~sklearn.preprocessing.PowerTransformer` calls it
+    once per column): ``((x + 1) ** lambda - 1) / lambda`` for ``x >= 0``,
+    ``-((1 - x) ** (2 - lambda) - 1) / (2 - lambda)`` below, the logarithms
+    at ``lambda = 0`` and ``2``. Values that overflow come back as ``inf``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    lambdas = np.asarray(lambdas, dtype=np.float64)
+    sign = np.where(X >= 0, 1.0, -1.0)
+    t = np.where(sign > 0, lambdas, 2.0 - lambdas)
+    return sign * _pieces(t, np.log1p(np.abs(X)), derivatives=False)[0]  # t = 0 (the logarithm): the series' L
 
 
 def fitted_power_transformer(X, lambdas):
@@ -159,8 +193,6 @@ def fitted_power_transformer(X, lambdas):
     transform = PowerTransformer(method="yeo-johnson", standardize=True)
     transform.lambdas_ = np.asarray(lambdas, dtype=np.float64)
     transform.n_features_in_ = X.shape[1]
-    sign = np.where(X >= 0, 1.0, -1.0)
-    t = np.where(sign > 0, transform.lambdas_, 2.0 - transform.lambdas_)
-    Z = sign * _pieces(t, np.log1p(np.abs(X)), derivatives=False)[0]  # t = 0 (the logarithm): the series' L
-    transform._scaler = StandardScaler(copy=False).set_output(transform="default").fit(Z)
+    transform._scaler = StandardScaler(copy=False).set_output(transform="default").fit(
+        yeo_johnson_transform(X, transform.lambdas_))
     return transform

@@ -89,3 +89,21 @@ def test_one_pass_pools_a_tap_before_a_later_in_place_op():
     rec = recommend_layer(net, X, layers=["1", "2"], max_edge_flops=1.0, cv=2)
     scores = {r["layer"]: r["pseudo_auroc"] for r in rec.table}
     assert scores["1"] != scores["2"]
+
+
+@pytest.mark.parametrize("make", ["cifar_resnet20", "shufflenet_v2_x0_5", "mobilenet_v3_small"])
+def test_prefix_flops_from_one_pass_equal_each_split_prefix(make):
+    """The FLOPs run when a layer first returns (one pass for every candidate) are its split prefix's FLOPs."""
+    import torchvision
+
+    from earlin_sklearn._cost import flops_at_returns
+    from earlin_sklearn._layer_choice import default_candidates, prefix_flops_share
+    from earlin_sklearn.models import cifar_resnet
+
+    net = (cifar_resnet(20) if make == "cifar_resnet20" else getattr(torchvision.models, make)(num_classes=10)).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    candidates = default_candidates(net)
+    at, total = flops_at_returns(net, candidates, x)
+    assert set(at) == set(candidates) and total > 0
+    for layer in candidates[:: max(1, len(candidates) // 8)]:  # a spread of them: each split costs a trace
+        assert at[layer] / total == pytest.approx(prefix_flops_share(net, layer, x, total), rel=1e-12)

@@ -122,6 +122,31 @@ def test_yeo_johnson_newton_lambdas_match_scikit_learn():
     np.testing.assert_allclose(yeo_johnson_lambdas(X), expected, atol=1e-5)
 
 
+def test_power_transform_equals_scikit_learn_and_marks_overflowed_rows():
+    from sklearn.preprocessing import PowerTransformer
+
+    from earlin_sklearn._passes import fit_power_transform, power_transform
+
+    rng = np.random.default_rng(1)
+    F = np.column_stack([rng.normal(size=500), rng.lognormal(size=500), -rng.exponential(size=500) * 30,
+                         rng.standard_t(3, size=500), np.zeros(500)])
+    gaussianize = fit_power_transform(F)
+    lambdas = gaussianize.lambdas_.copy()
+    lambdas[0], lambdas[2] = 0.0, 2.0  # the logarithm branches, on both sides of zero
+    gaussianize.lambdas_ = lambdas
+    new = np.vstack([F[:50], -F[50:100], rng.normal(size=(20, 5)) * 1e-9])
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = PowerTransformer.transform(gaussianize, new)
+    np.testing.assert_allclose(power_transform(gaussianize, new), expected, rtol=1e-12, atol=1e-12)
+    far = new[:3].copy()
+    assert gaussianize.lambdas_[1] < 0  # a log-normal column: below zero, (1 - x) ** (2 - lambda) overflows
+    far[1, 1] = -1e300
+    G = power_transform(gaussianize, far)
+    assert np.isinf(G[1]).all() and np.isfinite(G[[0, 2]]).all()
+    with pytest.raises(ValueError, match="overflowed"):
+        power_transform(gaussianize, far, owner="fit")
+
+
 def test_pseudo_ood_sets_one_per_image_deals_every_image_once():
     from earlin_sklearn._scorers import pseudo_ood_sets
 
