@@ -57,12 +57,12 @@ def grid_search_recommend(model, X, y, budget, cv=3, max_candidates=None):
     within = [layer for layer, c in costs.items() if c <= budget][:max_candidates]
     search = GridSearchCV(ShallowFeatureOODDetector(model, within[0]), {"layer": within},
                           scoring=make_pseudo_ood_scorer(), cv=cv, refit=False).fit(X, y)
-    table = [{"layer": p["layer"], "n_channels": "auto", "edge_flops": costs[p["layer"]], "pseudo_auroc": float(m),
+    table = [{"layer": p["layer"], "n_channels": "all", "edge_flops": costs[p["layer"]], "pseudo_auroc": float(m),
               "pseudo_auroc_se": float(sd) / np.sqrt(search.n_splits_)}
              for p, m, sd in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"],
                                  search.cv_results_["std_test_score"])]
     row = pick(table, budget)
-    return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": "auto"}, table, budget)
+    return LayerRecommendation(row["layer"], {"layer": row["layer"], "n_channels": "all"}, table, budget)
 
 
 def timed(fn):

@@ -102,7 +102,7 @@ class LayerRecommendation:
         return "\n".join(lines)
 
 
-def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_channels=("auto",),
+def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_channels=("all",),
                     tolerance="se", cv=3, n_jobs=None, **detector_params):
     """Recommend a detection layer (the cut) from ID data only.
 
@@ -125,8 +125,9 @@ def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_c
         Candidates; default: the called layers at most two levels deep.
     max_edge_flops : float, default=0.5
         Largest share of the model's FLOPs that the edge may run.
-    n_channels : sequence, default=("auto",)
-        Values of ``n_channels`` to try at each layer.
+    n_channels : sequence, default=("all",)
+        Values of ``n_channels`` to try at each layer; the default is the
+        detector's own (every pooled feature kept).
     tolerance : "se" or float, default="se"
         When a cheaper candidate ties with the best: ``"se"``, its mean score
         is within one standard error (over the ``cv`` folds) of the best

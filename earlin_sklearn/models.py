@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from ._torch import torch_threads
+
 
 class DigitsCNN(nn.Module):
     """A small CNN for 1x8x8 images: ``stem`` -> ``layer1`` -> ``layer2`` -> ``fc``."""
@@ -20,7 +22,7 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def train_digits_cnn(X, y, epochs=15, seed=0):
+def train_digits_cnn(X, y, epochs=15, seed=0, n_threads="auto"):
     """Train :class:`~earlin_sklearn.models.DigitsCNN` with Adam; a few seconds on 2 CPU cores.
 
     Parameters
@@ -30,6 +32,11 @@ def train_digits_cnn(X, y, epochs=15, seed=0):
     y : ndarray of shape (N,), int64
     epochs : int, default=15
     seed : int, default=0
+    n_threads : int, "auto" or None, default="auto"
+        torch intra-op threads while training, as the detector's own
+        ``n_threads``: ``"auto"`` takes half the cores (torch's default of
+        every core slows to a crawl when another process holds one); None
+        leaves torch's setting.
 
     Returns
     -------
@@ -41,12 +48,13 @@ def train_digits_cnn(X, y, epochs=15, seed=0):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(Xt), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
-            opt.step()
+    with torch_threads(n_threads):
+        for _ in range(epochs):
+            net.train()
+            for idx in torch.randperm(len(Xt), generator=g).split(64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
+                opt.step()
     return net.eval()
 
 

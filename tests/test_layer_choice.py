@@ -27,6 +27,9 @@ def test_ties_go_to_the_cheaper_layer_and_budgets_narrow_the_table():
     X, y = make_images(60)
     rec = recommend_layer(make_tiny_cnn(), X, y, layers=["stem", "layer1"], max_edge_flops=1.0, tolerance=1.0)
     assert rec.layer == "stem"
+    from earlin_sklearn import ShallowFeatureOODDetector
+    # the recommended params are the detector's defaults but the layer: the same fit as ShallowFeatureOODDetector(m, layer)
+    assert rec.params["n_channels"] == ShallowFeatureOODDetector(None, "stem").n_channels
     strict = recommend_layer(make_tiny_cnn(), X, y, layers=["stem", "layer1"], max_edge_flops=1.0, tolerance=0.0)
     best = max(r["pseudo_auroc"] for r in strict.table)
     assert next(r for r in strict.table if r["layer"] == strict.layer)["pseudo_auroc"] == best
@@ -107,3 +110,13 @@ def test_prefix_flops_from_one_pass_equal_each_split_prefix(make):
     assert set(at) == set(candidates) and total > 0
     for layer in candidates[:: max(1, len(candidates) // 8)]:  # a spread of them: each split costs a trace
         assert at[layer] / total == pytest.approx(prefix_flops_share(net, layer, x, total), rel=1e-12)
+
+
+def test_verbose_search_shows_one_bar_that_ends_full_and_is_quiet_by_default(capsys):
+    X, y = make_images(60)
+    recommend_layer(make_tiny_cnn(), X, y, layers=["stem", "layer1"], max_edge_flops=1.0)
+    assert capsys.readouterr().err == ""
+    recommend_layer(make_tiny_cnn(), X, y, layers=["stem", "layer1"], max_edge_flops=1.0, verbose=1)
+    updates = [u for u in capsys.readouterr().err.replace("\n", "\r").split("\r") if u.strip()]
+    assert updates and all(u.startswith("recommend_layer:") for u in updates)  # no bar per internal fit
+    assert "100%" in updates[-1] and "180/180" in updates[-1]  # 60 images, 60 pseudo-OOD, 60 held out

@@ -51,3 +51,24 @@ def test_offline_image_sets():
         assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
     with pytest.raises(ValueError, match="kind"):
         noise_images(1, "pink", rng)
+
+
+def test_train_digits_cnn_trains_with_the_package_thread_setting(monkeypatch):
+    """Half the cores ("auto", as the detector's n_threads), and torch's own setting restored afterwards."""
+    import torch
+
+    from earlin_sklearn import models
+    from earlin_sklearn._torch import default_threads
+
+    seen = []
+    forward = models.DigitsCNN.forward
+    monkeypatch.setattr(models.DigitsCNN, "forward", lambda self, x: seen.append(torch.get_num_threads()) or
+                        forward(self, x))
+    before = torch.get_num_threads()
+    X = np.random.default_rng(0).normal(size=(64, 1, 8, 8)).astype(np.float32)
+    models.train_digits_cnn(X, np.arange(64) % 10, epochs=1)
+    assert seen and set(seen) == {default_threads()}
+    assert torch.get_num_threads() == before
+    seen.clear()
+    models.train_digits_cnn(X, np.arange(64) % 10, epochs=1, n_threads=None)
+    assert set(seen) == {before}
