@@ -118,7 +118,7 @@ def main(argv=None):
                                                                                             train["y"][:1000])
         work = Path(tempfile.mkdtemp())
         save_split(*det.export_split(), work / "split", X[:4], formats=("pt2",))
-        manifest, edge, cloud = load_split(work / "split")
+        manifest, edge, cloud = load_split(work / "split", as_split=False)  # the flat tuples these loops send
         T = normalize(test["x"][:64], name)
         with torch.inference_mode():
             payloads = [edge(T[i : i + 1])[2:] for i in range(len(T))]

@@ -74,7 +74,7 @@ def main(argv=None):
     det = ShallowFeatureOODDetector(model, "layer1", device="cpu").fit(X.numpy(), np.arange(400) % 10)
     work = Path(tempfile.mkdtemp())
     save_split(*det.export_split(), work / "split", X[:4], formats=("pt2",))
-    manifest, edge, cloud = load_split(work / "split")
+    manifest, edge, cloud = load_split(work / "split", as_split=False)  # the flat tuples these loops send
     (work / "token").write_text(TOKEN)
     with torch.inference_mode():
         payloads = [edge(X[i : i + 1])[2:] for i in range(64)]

@@ -29,6 +29,7 @@ _EXPORTS = {
     "ShallowFeatureOODDetector": "._detector",
     "TwoStageDetector": "._two_stage",
     "CloudHead": "._two_stage",
+    "Split": "._edge",
     "SplitCost": "._cost",
     "SplitVerificationError": ".exceptions",
     "DetectorFileError": ".exceptions",

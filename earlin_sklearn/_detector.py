@@ -405,11 +405,12 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
 
         Returns
         -------
-        edge : EdgeModule
-            ``edge(x)`` -> ``EdgeOutput(is_id, score, payload)``; ``is_id`` and
-            ``score`` equal ``predict(x) == 1`` and ``score_samples(x)``.
-        cloud : CloudModule
-            ``cloud(edge(x).payload)`` equals ``backbone(x)``.
+        split : Split
+            ``edge, cloud = split`` (as :func:`load_split` returns a saved one).
+            ``edge`` is an :class:`EdgeModule`: ``edge(x)`` ->
+            ``EdgeOutput(is_id, score, payload)``; ``is_id`` and ``score``
+            equal ``predict(x) == 1`` and ``score_samples(x)``. ``cloud``, a
+            :class:`CloudModule`: ``cloud(edge(x).payload)`` equals ``backbone(x)``.
 
         See Also
         --------

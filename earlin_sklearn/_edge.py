@@ -278,8 +278,73 @@ class CloudModule(nn.Module):
         return self.suffix(*payload)
 
 
+class Split(tuple):
+    """The two parts of a split model, as :meth:`~ShallowFeatureOODDetector.export_split` and
+    :func:`load_split` return them.
+
+    A pair: ``edge, cloud = split``; also ``split.edge``, ``split.cloud``, and
+    ``split.manifest``: the verified ``split.json`` of a loaded split (None
+    for one just exported). ``edge(x)`` returns :class:`EdgeOutput`;
+    ``cloud(edge(x).payload)`` the model's output.
+    """
+
+    def __new__(cls, edge, cloud, manifest=None):
+        split = super().__new__(cls, (edge, cloud))
+        split.manifest = manifest
+        return split
+
+    def __getnewargs__(self):  # pickling and copying keep the manifest
+        return (*self, self.manifest)
+
+    @property
+    def edge(self):
+        return self[0]
+
+    @property
+    def cloud(self):
+        return self[1]
+
+    def __repr__(self):
+        version = None if self.manifest is None else self.manifest.get("version", "?")[:12]
+        return (f"Split(edge={type(self.edge).__name__}, cloud={type(self.cloud).__name__}"
+                + ("" if version is None else f", version={version!r}") + ")")
+
+
+class _ExportedProgram(nn.Module):
+    """A module around a loaded ``torch.export`` program: always in evaluation mode (an exported program fixed
+    its mode when it was exported; its module refuses ``train()``, so ``eval()`` here sets the flag only)."""
+
+    def __init__(self, program):
+        super().__init__()
+        self.program = program
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = False
+        return self
+
+
+class ProgramEdge(_ExportedProgram):
+    """A loaded edge program (``edge.pt2``, which returns the flat tuple ``(is_id, score, *payload)``) that returns
+    :class:`EdgeOutput`, as the exported :class:`EdgeModule` does."""
+
+    def forward(self, x):
+        is_id, score, *crossing = self.program(x)
+        return EdgeOutput(is_id, score, crossing[0] if len(crossing) == 1 else tuple(crossing))
+
+
+class ProgramCloud(_ExportedProgram):
+    """A loaded cloud program (``cloud.pt2``) called as :class:`CloudModule` is: ``cloud(payload)`` with a tensor
+    or a tuple of them, or ``cloud(*tensors)``."""
+
+    def forward(self, *payload):
+        if len(payload) == 1 and isinstance(payload[0], (tuple, list)):
+            payload = tuple(payload[0])
+        return self.program(*payload)
+
+
 def build_split(detector):
-    """``(edge, cloud)`` modules from a fitted :class:`ShallowFeatureOODDetector`.
+    """The :class:`Split` ``(edge, cloud)`` of a fitted :class:`ShallowFeatureOODDetector`.
 
     Both are on the CPU, in evaluation mode, with gradients off; the
     detector itself is not changed.
@@ -306,4 +371,4 @@ def build_split(detector):
     edge = edge.eval().requires_grad_(False)
     cloud = CloudModule(suffix).eval().requires_grad_(False)
     check_tensor_payload(prefix, example)
-    return edge, cloud
+    return Split(edge, cloud)

@@ -20,6 +20,7 @@ that need more than ``weights_only`` loading). The manifest's rules live in
 import copy
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 from ._cost import count_flops
 from ._device_formats import (FlatEdge, executorch_program, int8_acceptance, int8_edge, int8_onnx, onnx_program,
                               set_onnx_threshold, strip_metadata)
-from ._edge import CloudModule
+from ._edge import CloudModule, ProgramCloud, ProgramEdge, Split
 from ._pt2 import check_code_free_pt2, load_pt2  # noqa: F401
 from ._threshold import offset_for_tpr
 from .edge._manifest import (MANIFEST, SPLIT_FORMAT, check_payload, check_seal, file_sha256,  # noqa: F401
@@ -96,8 +97,8 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     >>> det = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X, np.arange(40) % 2)
     >>> folder = tempfile.mkdtemp()
     >>> paths = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
-    >>> manifest, edge, cloud = load_split(folder)  # verified: hashes, version, no pickles
-    >>> manifest["cut"]["layer"], len(manifest["version"])
+    >>> split = load_split(folder, as_split=True)  # verified: hashes, version, no pickles
+    >>> split.manifest["cut"]["layer"], len(split.manifest["version"])
     ('layer1', 64)
     """
     if preprocessing is not None and not isinstance(preprocessing, dict):
@@ -218,8 +219,8 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     return paths
 
 
-def load_split(directory, parts=PARTS, key=None):
-    """``(manifest, edge, cloud)`` from a directory written by :func:`save_split`, verified.
+def load_split(directory, parts=PARTS, key=None, *, as_split=None):
+    """A split written by :func:`save_split`, verified: the :class:`Split` ``(edge, cloud)`` with its manifest.
 
     Every loaded file is checked against the sha256 in the manifest, the
     manifest against its version (and, with ``key``, its HMAC signature), and
@@ -232,12 +233,19 @@ def load_split(directory, parts=PARTS, key=None):
     parts : sequence of {"edge", "cloud"}, default=("edge", "cloud")
     key : bytes or str, default=None
         Require a signature made with this key (see :func:`save_split`).
+    as_split : bool, default=None
+        ``True``: return a :class:`Split`, as ``export_split`` does (the
+        default from 0.3). ``False``: the tuple ``(manifest, edge, cloud)``
+        of 0.1, whose edge returns the flat tuple ``(is_id, score, *payload)``.
+        None: that tuple, with a ``FutureWarning``.
 
     Returns
     -------
-    manifest : dict
-    edge, cloud : torch.nn.Module or None
-        The exported programs' modules; None for a part not requested.
+    split : Split
+        ``edge, cloud = split``; ``split.manifest`` is the verified manifest.
+        ``edge(x)`` returns :class:`EdgeOutput` (``is_id``, ``score``,
+        ``payload``), as the exported edge does; ``cloud(payload)`` (a tensor
+        or a tuple of them) the model's output. A part not requested is None.
 
     Examples
     --------
@@ -250,9 +258,9 @@ def load_split(directory, parts=PARTS, key=None):
     >>> from earlin_sklearn import load_split, save_split
     >>> folder = tempfile.mkdtemp()
     >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",), key=b"a key of 16+ bytes")
-    >>> manifest, edge, cloud = load_split(folder, parts=("edge",), key=b"a key of 16+ bytes")  # as a device does
-    >>> is_id, score, *payload = edge(X[:3])
-    >>> cloud is None, np.allclose(score.numpy(), det.score_samples(X[:3].numpy()), atol=1e-6)
+    >>> edge, cloud = load_split(folder, parts=("edge",), key=b"a key of 16+ bytes", as_split=True)  # as a device does
+    >>> out = edge(X[:3])
+    >>> cloud is None, np.allclose(out.score.numpy(), det.score_samples(X[:3].numpy()), atol=1e-6)
     (True, True)
     """
     unknown = set(parts) - set(PARTS)
@@ -266,7 +274,16 @@ def load_split(directory, parts=PARTS, key=None):
             # read once: what is checked is what is loaded
             loaded[part] = load_pt2(Path(directory) / name, verified_bytes(directory, manifest, name))
     check_cut(manifest, loaded.get("edge"), loaded.get("cloud"))
-    return manifest, loaded.get("edge"), loaded.get("cloud")
+    edge, cloud = loaded.get("edge"), loaded.get("cloud")
+    if as_split:
+        return Split(None if edge is None else ProgramEdge(edge), None if cloud is None else ProgramCloud(cloud),
+                     manifest)
+    if as_split is None:
+        warnings.warn("load_split returns (manifest, edge, cloud), whose edge returns a flat tuple; from 0.3 it "
+                      "returns a Split like export_split: `edge, cloud = load_split(d)`, `.manifest`, and "
+                      "edge(x) -> EdgeOutput. Pass as_split=True for that now, or as_split=False to keep the tuple.",
+                      FutureWarning, stacklevel=2)
+    return manifest, edge, cloud
 
 
 _DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "int8",

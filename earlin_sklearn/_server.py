@@ -131,7 +131,8 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
 
     from starlette.requests import ClientDisconnect
 
-    manifest, edge, cloud = load_split(split_dir, key=key)
+    edge, cloud = split = load_split(split_dir, key=key, as_split=True)
+    manifest = split.manifest
     version = manifest["version"]
     payload_shapes = [tuple(p["shape"]) for p in manifest["payload"]]
     input_shape = tuple(manifest["input_shape"])
@@ -218,8 +219,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
 
     def run_whole(tensors):  # the whole model: the edge prefix (its detector's outputs are ignored), then the cloud
         with torch.inference_mode():
-            _, _, *payload = edge(tensors[0])
-            return cloud(*payload)
+            return cloud(edge(tensors[0]).payload)
 
     metrics = ServerMetrics()
     trimmer = IdleTrimmer(delay=1.0)
@@ -349,8 +349,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
 def warm_up(edge, cloud, input_shape):
     """Run one zero input through the loaded parts; refuse at start a split whose cloud output cannot be served."""
     with torch.inference_mode():
-        _, _, *payload = edge(torch.zeros((2, *input_shape)))
-        out = cloud(*payload)
+        out = cloud(edge(torch.zeros((2, *input_shape))).payload)
     if isinstance(out, (tuple, list)) and len(out) == 3:  # logits, then the cloud detector's score and verdict
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

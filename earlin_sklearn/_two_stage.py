@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._detector import ShallowFeatureOODDetector
+from ._edge import Split
 from ._threshold import ThresholdMixin, calibration_scores, n_rejected, offset_for_tpr
 from .baselines import LogitDetector, logit_score
 
@@ -185,19 +186,21 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         return np.minimum(self.edge_.decision_function(X), self.cloud_.decision_function(X))
 
     def export_split(self):
-        """``(edge, cloud)``: the edge module of the edge stage, and the cloud part with its detector.
+        """The :class:`~earlin_sklearn.Split` ``(edge, cloud)``: the edge stage's edge module, and the cloud part
+        with its detector.
 
         Returns
         -------
-        edge : EdgeModule
-        cloud : CloudHead
-            ``cloud(*payload)`` returns ``(logits, score, is_id)``.
+        split : Split
+            ``edge, cloud = split``. ``edge`` is an :class:`EdgeModule`;
+            ``cloud``, a :class:`CloudHead`: ``cloud(*payload)`` returns
+            ``(logits, score, is_id)``.
         """
         check_is_fitted(self)
         edge, cloud = self.edge_.export_split()
         temperature = self.cloud_.temperature if self.cloud_.temperature is not None else 1.0
         head = CloudHead(cloud, self.cloud_method, self.cloud_.offset_, temperature)
-        return edge, head.eval().requires_grad_(False)
+        return Split(edge, head.eval().requires_grad_(False))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

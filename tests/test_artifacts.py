@@ -7,13 +7,14 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split
+from earlin_sklearn import EdgeOutput, ShallowFeatureOODDetector, Split, load_split, save_split
 from earlin_sklearn.edge._manifest import canonical as _canonical
 from earlin_sklearn.exceptions import SplitVerificationError
 
@@ -75,15 +76,34 @@ class _Marker:
 
 
 def test_round_trip_and_edge_only(split):
-    manifest, edge, cloud = load_split(split["dir"], key=KEY)
+    loaded = load_split(split["dir"], key=KEY, as_split=True)
+    edge, cloud = loaded  # the shape export_split returns
+    exported_edge, exported_cloud = split["det"].export_split()
     x = split["X"]
-    is_id, score, *payload = edge(x)
-    np.testing.assert_allclose(score.numpy(), split["det"].score_samples(x.numpy()), rtol=1e-6, atol=1e-6)
-    assert cloud(*payload).shape == (8, 3)
-    assert manifest["preprocessing"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
-    assert manifest["cut"]["layer"] == "layer1"
-    _, edge_only, no_cloud = load_split(split["dir"], parts=("edge",))
+    out, expected = edge(x), exported_edge(x)
+    assert type(out) is type(expected) is EdgeOutput
+    np.testing.assert_allclose(out.score.numpy(), split["det"].score_samples(x.numpy()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.score, expected.score, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cloud(out.payload), exported_cloud(expected.payload), rtol=1e-5, atol=1e-5)
+    assert cloud(out.payload).shape == (8, 3)
+    assert loaded.edge is edge and loaded.cloud is cloud
+    assert loaded.manifest["preprocessing"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert loaded.manifest["cut"]["layer"] == "layer1"
+    assert loaded.manifest["version"][:12] in repr(loaded)
+    edge_only, no_cloud = load_split(split["dir"], parts=("edge",), as_split=True)
     assert edge_only is not None and no_cloud is None
+    assert isinstance(split["det"].export_split(), Split) and split["det"].export_split().manifest is None
+    assert pickle.loads(pickle.dumps(Split(1, 2, {"version": "v"}))).manifest == {"version": "v"}
+
+
+def test_the_old_load_split_tuple_warns_and_keeps_its_shape(split):
+    with pytest.warns(FutureWarning, match="as_split=True"):
+        manifest, edge, cloud = load_split(split["dir"])
+    is_id, score, *payload = edge(split["X"])  # the 0.1 flat tuple
+    assert cloud(*payload).shape == (8, 3) and manifest["cut"]["layer"] == "layer1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_split(split["dir"], as_split=False)) == 3
 
 
 def test_pickled_weights_are_refused_without_running_code(split, tmp_path):
@@ -188,7 +208,7 @@ def test_version_covers_the_cut(tmp_path):
     for layer in ("layer1", "layer1.0"):
         det = ShallowFeatureOODDetector(model, layer, extra_layers=(), device="cpu").fit(X, y)
         save_split(*det.export_split(), tmp_path / layer, torch.from_numpy(X[:4]), formats=("pt2",))
-        versions.append(load_split(tmp_path / layer, parts=())[0]["version"])
+        versions.append(load_split(tmp_path / layer, parts=(), as_split=True).manifest["version"])
     assert versions[0] != versions[1]
 
 

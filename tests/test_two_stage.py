@@ -43,15 +43,15 @@ def test_export_carries_the_cloud_verdict(fitted, tmp_path):
     np.testing.assert_allclose(score.numpy(), two.cloud_.score_samples(X), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(is_id.numpy(), two.cloud_.predict(X) == 1)
     paths = save_split(edge, cloud, tmp_path, x[:4])  # .pt2 and ONNX
-    manifest, _, loaded_cloud = load_split(tmp_path)
+    loaded = load_split(tmp_path, as_split=True)
+    manifest, loaded_cloud = loaded.manifest, loaded.cloud
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(paths["cloud.onnx"]))
     payload = out.payload if isinstance(out.payload, tuple) else (out.payload,)
     onnx_out = session.run(None, {i.name: p.numpy() for i, p in zip(session.get_inputs(), payload)})
     np.testing.assert_array_equal(onnx_out[2], is_id.numpy())
     assert manifest["cloud_detector"]["method"] == "energy"
-    _, _, loaded_is_id = loaded_cloud(*edge(x).payload) if isinstance(edge(x).payload, tuple) \
-        else loaded_cloud(edge(x).payload)
+    _, _, loaded_is_id = loaded_cloud(edge(x).payload)
     np.testing.assert_array_equal(loaded_is_id.numpy(), is_id.numpy())
 
 
