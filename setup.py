@@ -24,7 +24,7 @@ DOCS = ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0
         "myst-parser>=2", *EXPORT, *SERVE, "distributed>=2024.1"]
 # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests; .ci/oldest
 # installs test-core, since ExecuTorch's wheels need a recent torch and numpy 2
-TEST_CORE = ["pytest>=7", "hypothesis>=6", "schemathesis>=4", *DOCS, *EDGE, "prometheus-client>=0.20"]
+TEST_CORE = ["pytest>=7", "hypothesis>=6", "schemathesis>=4", "mypy>=1.10", *DOCS, *EDGE, "prometheus-client>=0.20"]
 EXTRAS = {
     "test": [*TEST_CORE, *EXECUTORCH],
     "test-core": TEST_CORE,
@@ -52,7 +52,7 @@ setup(
     license="BSD-3-Clause",
     packages=find_packages(include=["earlin_sklearn", "earlin_sklearn.*"]),
     # the C shim the device side compiles against ExecuTorch's runtime libraries (earlin_sklearn/edge/_executorch.py)
-    package_data={"earlin_sklearn.edge": ["*.cpp"]},
+    package_data={"earlin_sklearn": ["py.typed"], "earlin_sklearn.edge": ["*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         # floors tested by .ci/oldest: scikit-learn 1.6's Yeo-Johnson fit fails on some

@@ -8,6 +8,7 @@ cuts the model into the edge part (prefix + detector) and the cloud part (the re
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 # Public names and the module that defines each. They are imported on first use (PEP 562), so that
 # `earlin --help` and `import earlin_sklearn` do not pay for importing torch until it is needed.
@@ -19,6 +20,7 @@ _EXPORTS = {
     "DaskShards": "._distributed",
     "DetectorHead": "._edge",
     "DistanceDetector": "._distance",
+    "EarlinDeprecationWarning": ".exceptions",
     "EarlinWarning": ".exceptions",
     "EdgeModule": "._edge",
     "EdgeOutput": "._edge",
@@ -50,6 +52,30 @@ _EXPORTS = {
     "split_model": "._split",
 }
 _SUBMODULES = ("baselines", "datasets", "edge", "exceptions", "metrics", "models")
+
+if TYPE_CHECKING:  # what a type checker sees: the same names, imported eagerly
+    from . import baselines, datasets, edge, exceptions, metrics, models  # noqa: F401
+    from ._cost import CostComparison, SplitCost, collaborative_cost, split_cost  # noqa: F401
+    from ._detector import ShallowFeatureOODDetector  # noqa: F401
+    from ._distance import DistanceDetector  # noqa: F401
+    from ._distributed import DaskShards  # noqa: F401
+    from ._edge import CloudModule, DetectorHead, EdgeModule, EdgeOutput, Split  # noqa: F401
+    from ._export import load_split, save_split  # noqa: F401
+    from ._features import BackboneFeatures  # noqa: F401
+    from ._layer_choice import LayerRecommendation, recommend_layer  # noqa: F401
+    from ._persist import load_detector, save_detector  # noqa: F401
+    from ._scorers import held_out_class_auroc, make_ood_scorer, make_pseudo_ood, make_pseudo_ood_scorer  # noqa: F401
+    from ._selection import ChannelSelector  # noqa: F401
+    from ._server import create_cloud_app  # noqa: F401
+    from ._split import available_split_points, split_model  # noqa: F401
+    from ._two_stage import CloudHead, TwoStageDetector  # noqa: F401
+    from .edge import EdgeProgram, EdgeRecord, EdgeRunner, load_edge_program  # noqa: F401
+    from .exceptions import (  # noqa: F401
+        DetectorFileError,
+        EarlinDeprecationWarning,
+        EarlinWarning,
+        SplitVerificationError,
+    )
 
 
 def __getattr__(name):

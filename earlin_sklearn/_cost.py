@@ -3,6 +3,7 @@
 import importlib.util
 from dataclasses import asdict, dataclass, field
 from numbers import Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +153,8 @@ def _mean_size(bodies):
     return float(np.mean([len(b) for b in bodies]))
 
 
-def split_cost(edge, cloud, X, y=None, backbone=None, images=None):
+def split_cost(edge: torch.nn.Module, cloud: torch.nn.Module, X: Any, y: Any = None,
+               backbone: "torch.nn.Module | None" = None, images: Any = None) -> "SplitCost":
     """Measure the costs of a split on sample inputs.
 
     Parameters
@@ -276,16 +278,16 @@ class Strategy:
     prefer_skip_nested_validation=True,
 )
 def collaborative_cost(
-    cost,
-    ood_fraction,
-    tpr,
-    tnr,
-    uplink_mbit_s=10.0,
-    edge_gflop_s=5.0,
-    cloud_gflop_s=1000.0,
-    payload="float32",
-    raw="uint8",
-):
+    cost: "SplitCost",
+    ood_fraction: float,
+    tpr: float,
+    tnr: float,
+    uplink_mbit_s: float = 10.0,
+    edge_gflop_s: float = 5.0,
+    cloud_gflop_s: float = 1000.0,
+    payload: str = "float32",
+    raw: str = "uint8",
+) -> "CostComparison":
     """Expected per-input cost of three ways to serve a stream of inputs.
 
     (a) ``cloud only``: upload every raw input; the cloud runs the whole model.

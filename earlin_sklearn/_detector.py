@@ -1,16 +1,18 @@
 """ShallowFeatureOODDetector: the three steps composed, fitted from arrays or DataLoaders."""
 
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._distance import DistanceDetector, labels_usable
 from ._distributed import DaskShards
-from ._edge import build_split
+from ._edge import Split, build_split
 from ._features import BackboneFeatures, resolve_extra_layers
 from ._inputs import is_torch_data, validate_fit_images, validate_images
 from ._moments import FeatureMoments, check_statistics
@@ -18,7 +20,11 @@ from ._passes import LocalPasses, check_label_count, fit_power_transform, power_
 from ._selection import ChannelSelector
 from ._threshold import ThresholdMixin
 from ._torch import TorchStateMixin
+from ._typing import Images, Labels, fit_context
 from .exceptions import EarlinWarning
+
+if TYPE_CHECKING:
+    import torch
 
 
 def head_scores(head, G):
@@ -136,7 +142,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         return pipeline["features"].module_ if pipeline is not None else None
 
     # the steps' own constraints, inherited rather than copied; only the composite's own choices are new
-    _parameter_constraints = {
+    _parameter_constraints: dict = {
         **BackboneFeatures._parameter_constraints,
         **ChannelSelector._parameter_constraints,
         **DistanceDetector._parameter_constraints,
@@ -146,25 +152,25 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
 
     def __init__(
         self,
-        backbone,
-        layer,
+        backbone: "torch.nn.Module | None",
+        layer: str,
         *,
-        n_channels="all",
-        criterion="auto",
-        pooling="meanstd",
-        layout="auto",
-        extra_layers="auto",
-        gaussianize="yeo-johnson",
-        metric="mahalanobis",
-        class_conditional="auto",
-        target_tpr=0.95,
-        threshold_cv=5,
-        batch_size=128,
-        device="auto",
-        n_threads="auto",
-        precision="float32",
-        verbose=0,
-    ):
+        n_channels: "int | float | str" = "all",
+        criterion: str = "auto",
+        pooling: str = "meanstd",
+        layout: str = "auto",
+        extra_layers: "str | Sequence[str]" = "auto",
+        gaussianize: "str | None" = "yeo-johnson",
+        metric: str = "mahalanobis",
+        class_conditional: "bool | str" = "auto",
+        target_tpr: float = 0.95,
+        threshold_cv: "int | None" = 5,
+        batch_size: int = 128,
+        device: "str | torch.device" = "auto",
+        n_threads: "int | str | None" = "auto",
+        precision: str = "float32",
+        verbose: int = 0,
+    ) -> None:
         self.backbone = backbone
         self.layer = layer
         self.n_channels = n_channels
@@ -183,8 +189,8 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         self.precision = precision
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
+    @fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Images, y: Labels = None) -> "ShallowFeatureOODDetector":
         """Fit on in-distribution data, streaming it batch by batch.
 
         Only the per-class statistics of the pooled features are kept (see
@@ -244,7 +250,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
                           "more for a stable threshold).", EarlinWarning, stacklevel=3)
         return self
 
-    def partial_fit(self, X, y=None):
+    def partial_fit(self, X: Images, y: Labels = None) -> "ShallowFeatureOODDetector":
         """Add a batch of ID images to the statistics and refit from all batches seen.
 
         The first call fits the backbone tap and the power transform (on
@@ -372,7 +378,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
         check_is_fitted(self, "pipeline_")
         self.pipeline_["distance"].offset_ = float(value)
 
-    def score_samples(self, X):
+    def score_samples(self, X: Images) -> np.ndarray:
         """Higher = more in-distribution (negative distance to the nearest centroid).
 
         Parameters
@@ -395,7 +401,7 @@ class ShallowFeatureOODDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, B
             scores[finite] = head_scores(self.pipeline_[2:], power_transform(self.pipeline_["gaussianize"], F[finite]))
         return scores
 
-    def export_split(self):
+    def export_split(self) -> Split:
         """Split the backbone at ``layer`` into the edge and cloud modules.
 
         The edge module runs the backbone up to the detection layer and the

@@ -5,13 +5,14 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy.linalg import pinvh
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._moments import FeatureMoments, PartialFitMixin
 from ._threshold import ThresholdMixin, offset_for_tpr
 from ._inputs import batch_labels
+from ._typing import fit_context
 from .exceptions import EarlinWarning
 
 METRICS = ("mahalanobis", "euclidean", "cosine")
@@ -190,7 +191,7 @@ class DistanceDetector(PartialFitMixin, ThresholdMixin, OutlierMixin, BaseEstima
         self.target_tpr = target_tpr
         self.threshold_cv = threshold_cv
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Estimate centroids (and covariance), then the threshold.
 

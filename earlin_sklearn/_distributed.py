@@ -31,7 +31,7 @@ def _first_input(source):
     return np.asarray(x)[None]
 
 
-_WORKER_FEATURES = {}  # per worker process: the frozen prefix of the fits it serves, by digest
+_WORKER_FEATURES: dict = {}  # per worker process: the frozen prefix of the fits it serves, by digest
 
 
 def _features_on_worker(blob, digest):
@@ -79,7 +79,7 @@ def roomy_allocator():
         libc.mallopt(_M_MMAP_THRESHOLD, int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 * 1024)))
 
 
-_WORKER_SPILLS = {}  # per worker process: (fit digest, shard start) -> FeatureSpill of the first pass
+_WORKER_SPILLS: dict = {}  # per worker process: (fit digest, shard start) -> FeatureSpill of the first pass
 
 
 def _shard_moments(blob, digest, source, start, stop, transform, n_folds, scatter, reservoir_size, owner, keep):

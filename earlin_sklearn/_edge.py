@@ -286,7 +286,29 @@ class Split(tuple):
     ``split.manifest``: the verified ``split.json`` of a loaded split (None
     for one just exported). ``edge(x)`` returns :class:`EdgeOutput`;
     ``cloud(edge(x).payload)`` the model's output.
+
+    Parameters
+    ----------
+    edge : torch.nn.Module or None
+        The edge part (None when :func:`load_split` did not read it).
+    cloud : torch.nn.Module or None
+        The cloud part (likewise).
+    manifest : dict, default=None
+        The split's verified manifest, for a loaded split.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from earlin_sklearn import ShallowFeatureOODDetector
+    >>> from earlin_sklearn.models import cifar_resnet
+    >>> X = torch.randn(40, 3, 32, 32)
+    >>> split = ShallowFeatureOODDetector(cifar_resnet(20), "layer1", device="cpu").fit(X).export_split()
+    >>> edge, cloud = split
+    >>> split, split.manifest is None, tuple(cloud(edge(X[:2]).payload).shape)
+    (Split(edge=EdgeModule, cloud=CloudModule), True, (2, 10))
     """
+
+    manifest: "dict | None"
 
     def __new__(cls, edge, cloud, manifest=None):
         split = super().__new__(cls, (edge, cloud))

@@ -21,7 +21,9 @@ import copy
 import inspect
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -32,9 +34,11 @@ from ._device_formats import (FlatEdge, executorch_program, int8_acceptance, int
 from ._edge import CloudModule, ProgramCloud, ProgramEdge, Split
 from ._pt2 import check_code_free_pt2, load_pt2  # noqa: F401
 from ._threshold import offset_for_tpr
+from ._typing import Key
+from ._typing import Path as PathType
 from .edge._manifest import (MANIFEST, SPLIT_FORMAT, check_payload, check_seal, file_sha256,  # noqa: F401
                              read_manifest, seal, verified_bytes)
-from .exceptions import SplitVerificationError
+from .exceptions import EarlinDeprecationWarning, SplitVerificationError
 
 FORMATS = ("pt2", "onnx")  # the default: what the server and a PyTorch or ONNX Runtime edge read
 ALL_FORMATS = ("pt2", "onnx", "pte", "onnx-int8", "pte-int8")
@@ -45,8 +49,9 @@ EDGE_FILES = {"pt2": ("edge.pt2", "torch", "float32"), "onnx": ("edge.onnx", "on
               "pte-int8": ("edge.int8.pte", "executorch", "int8")}
 
 
-def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, preprocessing=None, key=None,
-               calibration=None, threshold_data=None):
+def save_split(edge: torch.nn.Module, cloud: torch.nn.Module, directory: PathType, example_input: Any,
+               formats: Sequence[str] = FORMATS, *, preprocessing: "dict | None" = None, key: Key = None,
+               calibration: Any = None, threshold_data: Any = None) -> dict:
     """Write the edge and cloud modules as deployable files.
 
     Parameters
@@ -132,7 +137,7 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     cloud_outputs = ["logits", "cloud_score", "cloud_is_id"] if two_stage else ["output"]
     batch = torch.export.Dim("batch", min=1)
     edge_shapes = ({0: batch},)
-    cloud_shapes = tuple({0: batch} for _ in payload)
+    cloud_shapes: tuple = tuple({0: batch} for _ in payload)
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(cloud_module.forward).parameters.values()):
         cloud_shapes = (cloud_shapes,)  # forward(*payload): torch.export sees one tuple argument
     edge_outputs = ["is_id", "score", *[f"payload_{i}" for i in range(len(payload))]]
@@ -219,7 +224,14 @@ def save_split(edge, cloud, directory, example_input, formats=FORMATS, *, prepro
     return paths
 
 
-def load_split(directory, parts=PARTS, key=None, *, as_split=None):
+@overload
+def load_split(directory: PathType, parts: Sequence[str] = ..., key: Key = ..., *,
+               as_split: Literal[True]) -> Split: ...
+@overload
+def load_split(directory: PathType, parts: Sequence[str] = ..., key: Key = ..., *,
+               as_split: "Literal[False] | None" = ...) -> "tuple[dict, torch.nn.Module | None, torch.nn.Module | None]": ...
+def load_split(directory: PathType, parts: Sequence[str] = PARTS, key: Key = None, *,
+               as_split: "bool | None" = None) -> Any:
     """A split written by :func:`save_split`, verified: the :class:`Split` ``(edge, cloud)`` with its manifest.
 
     Every loaded file is checked against the sha256 in the manifest, the
@@ -282,7 +294,7 @@ def load_split(directory, parts=PARTS, key=None, *, as_split=None):
         warnings.warn("load_split returns (manifest, edge, cloud), whose edge returns a flat tuple; from 0.3 it "
                       "returns a Split like export_split: `edge, cloud = load_split(d)`, `.manifest`, and "
                       "edge(x) -> EdgeOutput. Pass as_split=True for that now, or as_split=False to keep the tuple.",
-                      FutureWarning, stacklevel=2)
+                      EarlinDeprecationWarning, stacklevel=2)
     return manifest, edge, cloud
 
 

@@ -5,7 +5,7 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
@@ -14,6 +14,7 @@ from ._torch import (PRECISIONS, TorchStateMixin, first_in_channels, frozen_copy
                      precision_context, resolve_device, torch_threads)
 from ._inputs import (check_batch, check_image_shape, image_batches, is_torch_data, labels_to_numpy, to_model_input, validate_fit_images,
                       validate_images)
+from ._typing import fit_context
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class BackboneFeatures(TorchStateMixin, ClassNamePrefixFeaturesOutMixin, Transfo
         self.precision = precision
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Freeze a copy of the backbone and check the layer on one input.
 

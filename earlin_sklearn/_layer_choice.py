@@ -1,9 +1,12 @@
 """Choosing the cut without OOD data: sweep layers under an edge budget, score with pseudo-OOD."""
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from joblib import Parallel, delayed
 from sklearn.model_selection import check_cv
 from sklearn.pipeline import Pipeline
@@ -20,7 +23,11 @@ from ._yeo_johnson import coarse_lambdas
 from ._scorers import PSEUDO_OOD, pseudo_ood_sets
 from ._split import available_split_points, split_model
 from ._torch import get_layer, input_dtype
+from ._typing import Labels
 from .metrics import auroc
+
+if TYPE_CHECKING:
+    import torch
 
 PSEUDO_SEED = 0
 """Seed of the pseudo-OOD images (that of :func:`make_pseudo_ood_scorer`'s default), the same for every candidate."""
@@ -44,7 +51,7 @@ def prefix_flops_share(backbone, layer, example, full_flops=None):
     return count_flops(prefix, example) / max(full_flops, 1)
 
 
-def default_candidates(backbone):
+def default_candidates(backbone: "torch.nn.Module") -> list[str]:
     """Called layers at most two levels deep (``"layer1"``, ``"features.3"``), in execution order."""
     return [n for n in available_split_points(backbone) if n.count(".") <= 1]
 
@@ -78,7 +85,7 @@ class LayerRecommendation:
     over_budget: list = field(default_factory=list)
     """Candidates not fitted because their prefix exceeds the budget: ``{"layer", "edge_flops"}`` rows."""
 
-    def within(self, max_edge_flops):
+    def within(self, max_edge_flops: float) -> "LayerRecommendation":
         """The recommendation under a smaller edge budget, from the same table (no refitting)."""
         row = pick(self.table, max_edge_flops, self.tolerance)
         dropped = {r["layer"]: r["edge_flops"] for r in self.table if r["edge_flops"] > max_edge_flops}
@@ -102,8 +109,10 @@ class LayerRecommendation:
         return "\n".join(lines)
 
 
-def recommend_layer(backbone, X, y=None, *, layers=None, max_edge_flops=0.5, n_channels=("all",),
-                    tolerance="se", cv=3, n_jobs=None, **detector_params):
+def recommend_layer(backbone: "torch.nn.Module", X: npt.ArrayLike, y: Labels = None, *,
+                    layers: "Sequence[str] | None" = None, max_edge_flops: float = 0.5,
+                    n_channels: "Sequence[int | float | str]" = ("all",), tolerance: "str | float" = "se",
+                    cv: Any = 3, n_jobs: "int | None" = None, **detector_params: Any) -> "LayerRecommendation":
     """Recommend a detection layer (the cut) from ID data only.
 
     Each candidate layer within the edge budget (and each ``n_channels``) is

@@ -186,7 +186,8 @@ class FeatureMoments:
             merged = [a[keep] for a in merged]
         self._sample, self._pending = tuple(merged), []
 
-    def _sample_part(i, doc):  # noqa: N805 -- a property factory, used in the class body only
+    @staticmethod
+    def _sample_part(i: int, doc: str) -> property:  # a property factory, used in the class body only
         def get(self):
             self._consolidate()
             return self._sample[i]
@@ -312,7 +313,7 @@ def check_statistics(estimator, fitted_attribute):
 class PartialFitMixin:
     """``partial_fit`` for an array step that fits by ``_partial_fit(X, y, reset)`` into its ``moments_``."""
 
-    _fitted_marker = None  # a fitted attribute: present without ``moments_`` means fitted without statistics
+    _fitted_marker: str | None = None  # a fitted attribute: present without ``moments_`` means fitted without statistics
 
     def partial_fit(self, X, y=None):
         """Add a batch of ID features to the statistics and refit from all the batches seen.

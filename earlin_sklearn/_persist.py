@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from ._export import check_seal, seal
 from .edge._manifest import MAX_ARTIFACT_BYTES, read_regular_file
 from .exceptions import DetectorFileError, SplitVerificationError
 from ._torch import available_device, frozen_copy
+from ._typing import Key
+from ._typing import Path as PathType
 
 FORMAT = "earlin-estimator/1"
 JSON_FILE = "estimator.json"
@@ -122,7 +125,7 @@ def _backbone_holders(estimator):
     return holders, fitted
 
 
-def save_detector(estimator, directory, *, include_weights=True, key=None):
+def save_detector(estimator: Any, directory: PathType, *, include_weights: bool = True, key: Key = None) -> Path:
     """Save a fitted estimator so that loading it cannot run code.
 
     Parameters
@@ -184,7 +187,7 @@ def save_detector(estimator, directory, *, include_weights=True, key=None):
     return directory
 
 
-def load_detector(directory, backbone, key=None):
+def load_detector(directory: PathType, backbone: "torch.nn.Module | None", key: Key = None) -> Any:
 
     """Load an estimator written by :func:`save_detector`; nothing in the files is executed.
 

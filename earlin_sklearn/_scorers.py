@@ -1,15 +1,19 @@
 """Scorers for GridSearchCV: AUROC against real OOD data, or against pseudo-OOD made from ID data;
 and the held-out-class AUROC, an ID-only criterion that refits per fold."""
 
+from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
 
+from ._typing import Images
 from .metrics import auroc
 
 PSEUDO_OOD = ("shuffle", "blur", "noise")
@@ -38,7 +42,7 @@ class OODScorer:
         return f"make_ood_scorer(X_ood of shape {tuple(np.shape(self.X_ood))})"
 
 
-def make_ood_scorer(X_ood):
+def make_ood_scorer(X_ood: Images) -> "OODScorer":
     """A scorer for ``GridSearchCV``: AUROC of the held-out ID fold against ``X_ood``.
 
     Parameters
@@ -63,7 +67,7 @@ def make_ood_scorer(X_ood):
     return OODScorer(X_ood)
 
 
-def make_pseudo_ood(X, kind, random_state=None):
+def make_pseudo_ood(X: npt.ArrayLike, kind: str, random_state: Any = None) -> np.ndarray:
     """Pseudo-OOD images made from ID images ``X`` of shape (N, C, H, W) or (N, F).
 
     - ``"shuffle"``: each image's pixel positions permuted at random (the
@@ -167,7 +171,8 @@ class PseudoOODScorer:
                 f"per_image={self.per_image!r})")
 
 
-def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0, per_image="all"):
+def make_pseudo_ood_scorer(kinds: Sequence[str] = PSEUDO_OOD, random_state: Any = 0,
+                           per_image: str = "all") -> "PseudoOODScorer":
     """A scorer for ``GridSearchCV`` that needs no OOD data at all.
 
     It builds pseudo-OOD inputs from the held-out ID fold itself (see
@@ -220,7 +225,8 @@ def make_pseudo_ood_scorer(kinds=PSEUDO_OOD, random_state=0, per_image="all"):
     return PseudoOODScorer(tuple(kinds), random_state, per_image)
 
 
-def held_out_class_auroc(estimator, X, y, n_folds=5, val_fraction=0.2, random_state=0):
+def held_out_class_auroc(estimator: Any, X: Images, y: npt.ArrayLike, n_folds: int = 5, val_fraction: float = 0.2,
+                         random_state: Any = 0) -> np.ndarray:
     """AUROC of ID inputs against whole classes the detector never saw, per fold: OOD without OOD data.
 
     The labelled ID set is split once into a fit part and a stratified

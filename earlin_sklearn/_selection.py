@@ -4,13 +4,14 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, _fit_context
+from sklearn.base import BaseEstimator
 from sklearn.feature_selection import SelectorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._moments import FeatureMoments, PartialFitMixin
 from ._inputs import batch_labels
+from ._typing import fit_context
 from .exceptions import EarlinWarning
 
 CRITERIA = ("auto", "variance", "fisher")
@@ -102,7 +103,7 @@ class ChannelSelector(PartialFitMixin, SelectorMixin, BaseEstimator):
         self.n_channels = n_channels
         self.criterion = criterion
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Score the columns and keep the best ``n_channels``.
 

@@ -8,7 +8,9 @@ Python wheels (``pip install earlin_sklearn[serve]``).
 import importlib.util
 import json
 import logging
+import os
 import secrets
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +34,10 @@ MAX_REPORT_BYTES = 4096
 LARGE_BODY = 1 << 20  # after requests this large, freed memory is handed back to the system once they stop
 
 
-def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_batch=256, key=None, docs=None,
-                     body_timeout=30.0, batch_inputs=64, max_wait_ms=2.0, max_queue=1024, drift_alpha=1e-4):
+def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = None,
+                     max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 256, key: "bytes | str | None" = None,
+                     docs: "bool | None" = None, body_timeout: float = 30.0, batch_inputs: int = 64,
+                     max_wait_ms: float = 2.0, max_queue: int = 1024, drift_alpha: float = 1e-4) -> Any:
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Parameters
@@ -132,7 +136,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
     from starlette.requests import ClientDisconnect
 
     edge, cloud = split = load_split(split_dir, key=key, as_split=True)
-    manifest = split.manifest
+    manifest = split.manifest or {}  # (always set by load_split)
     version = manifest["version"]
     payload_shapes = [tuple(p["shape"]) for p in manifest["payload"]]
     input_shape = tuple(manifest["input_shape"])
@@ -341,7 +345,7 @@ def create_cloud_app(split_dir, token=None, max_bytes=DEFAULT_MAX_BYTES, max_bat
             return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
 
     app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={route.path for route in app.routes})
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={getattr(route, "path") for route in app.routes})
     add_security_scheme(app)
     return app
 

@@ -1,5 +1,7 @@
 """Model splitting: cut a backbone's torch.fx graph at a layer into an edge part and a cloud part."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import fx
 from torchvision.models.feature_extraction import LeafModuleAwareTracer, _set_default_tracer_kwargs
@@ -39,7 +41,7 @@ def trace(backbone, cut=None, extra=()):
     return fx.GraphModule(tracer.root, graph, type(backbone).__name__)
 
 
-def available_split_points(backbone):
+def available_split_points(backbone: torch.nn.Module) -> list[str]:
     """Names of the layers at which :func:`split_model` can cut ``backbone``.
 
     These are the submodules that the traced forward pass calls, in execution
@@ -95,7 +97,8 @@ def _cut_outside(backbone, layer, extra_layers):
     return cut
 
 
-def split_model(backbone, layer, extra_layers=(), example=None):
+def split_model(backbone: torch.nn.Module, layer: str, extra_layers: Sequence[str] = (),
+                example: "torch.Tensor | None" = None) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Cut ``backbone`` right after ``layer`` (its first call).
 
     Every tensor computed on the edge side and used on the cloud side crosses

@@ -1,11 +1,15 @@
 """The decision rule shared by every detector: a threshold on ``score_samples`` set from ID data only."""
 
 import warnings
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from ._typing import Images
 from .exceptions import EarlinWarning
+
+_Estimator = TypeVar("_Estimator", bound="ThresholdMixin")
 
 # fewer expected rejections than this and a calibrated threshold rests on a handful of images
 MIN_CALIBRATION_REJECTIONS = 5
@@ -56,7 +60,13 @@ def calibration_scores(scores, owner, target_tpr=None):
 class ThresholdMixin:
     """``decision_function`` and ``predict`` from ``score_samples`` and ``offset_`` (set by ``fit``)."""
 
-    def calibrate_threshold(self, X):
+    if TYPE_CHECKING:  # what the estimators that use the mixin define
+        target_tpr: float
+        offset_: float
+
+        def score_samples(self, X: Images) -> np.ndarray: ...
+
+    def calibrate_threshold(self: _Estimator, X: Images) -> _Estimator:
         """Set the threshold again, from ID data that the fit did not use.
 
         ``fit`` sets ``offset_`` from the training data. When the backbone was
@@ -95,7 +105,7 @@ class ThresholdMixin:
         self.offset_ = offset_for_tpr(scores, self.target_tpr)
         return self
 
-    def decision_function(self, X):
+    def decision_function(self, X: Images) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for OOD.
 
         Parameters
@@ -108,7 +118,7 @@ class ThresholdMixin:
         """
         return self.score_samples(X) - self.offset_
 
-    def predict(self, X):
+    def predict(self, X: Images) -> np.ndarray:
         """+1 for in-distribution (upload), -1 for out-of-distribution (reject).
 
         Parameters

@@ -168,8 +168,8 @@ class TorchStateMixin:
     ``device_``.
     """
 
-    _torch_modules = ()
-    _torch_param = None
+    _torch_modules: tuple[str, ...] = ()
+    _torch_param: tuple[str, str | None] | None = None
 
     def _fitted_copy_of_param(self):
         """The fitted module that stands for the unfitted module parameter (None when unfitted)."""

@@ -11,7 +11,7 @@ from numbers import Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
+from sklearn.base import BaseEstimator, OutlierMixin, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
@@ -20,6 +20,7 @@ from ._detector import ShallowFeatureOODDetector
 from ._edge import Split
 from ._threshold import ThresholdMixin, calibration_scores, n_rejected, offset_for_tpr
 from .baselines import LogitDetector, logit_score
+from ._typing import Images, Labels, fit_context
 
 CLOUD_METHODS = ("energy", "msp", "maxlogit")  # logit scores that need no input gradient (ODIN does)
 
@@ -108,14 +109,15 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         "edge_share": [Interval(Real, 0, 1, closed="both")],
     }
 
-    def __init__(self, edge, cloud_method="energy", target_tpr=0.95, edge_share=0.5):
+    def __init__(self, edge: ShallowFeatureOODDetector, cloud_method: str = "energy", target_tpr: float = 0.95,
+                 edge_share: float = 0.5) -> None:
         self.edge = edge
         self.cloud_method = cloud_method
         self.target_tpr = target_tpr
         self.edge_share = edge_share
 
-    @_fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y=None):
+    @fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X: Images, y: Labels = None) -> "TwoStageDetector":
         """Fit both stages on the same ID data.
 
         Parameters
@@ -171,7 +173,7 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.cloud_.offset_ = offset_for_tpr(cloud_scores[passed], 1.0 - cloud_reject / int(passed.sum()))
         return self
 
-    def score_samples(self, X):
+    def score_samples(self, X: Images) -> np.ndarray:
         """The smaller of the two stages' margins (``score - offset``): >= 0 only when both accept.
 
         Parameters
@@ -185,7 +187,7 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         return np.minimum(self.edge_.decision_function(X), self.cloud_.decision_function(X))
 
-    def export_split(self):
+    def export_split(self) -> Split:
         """The :class:`~earlin_sklearn.Split` ``(edge, cloud)``: the edge stage's edge module, and the cloud part
         with its detector.
 

@@ -22,7 +22,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ._torch import TorchStateMixin, frozen_copy, input_dtype, resolve_device, torch_threads
 from ._inputs import image_batches, is_torch_data, to_model_input, validate_fit_images, validate_images
 from ._threshold import ThresholdMixin, offset_for_tpr
+from ._typing import fit_context
 from .exceptions import EarlinWarning
 
 LOGIT_SCORES = ("msp", "energy", "odin", "maxlogit")
@@ -127,7 +128,7 @@ class LogitDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstimator
         self.n_threads = n_threads
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Set the threshold on ID training data (nothing else is fitted).
 
@@ -248,7 +249,7 @@ class KNNDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         return X
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Index the ID training features.
 

@@ -10,6 +10,21 @@ class EarlinWarning(UserWarning):
     """
 
 
+class EarlinDeprecationWarning(EarlinWarning, FutureWarning):
+    """A behaviour of earlin_sklearn that changes in a later release, and how to choose it now.
+
+    Also a ``FutureWarning``: shown by default (unlike ``DeprecationWarning``),
+    as scikit-learn shows its own.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from earlin_sklearn.exceptions import EarlinDeprecationWarning, EarlinWarning
+    >>> issubclass(EarlinDeprecationWarning, FutureWarning), issubclass(EarlinDeprecationWarning, EarlinWarning)
+    (True, True)
+    """
+
+
 class SplitVerificationError(ValueError):
     """A split directory that does not match its manifest or its signature, or that holds code."""
 

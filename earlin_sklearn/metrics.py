@@ -7,6 +7,7 @@ scores of ID inputs and of OOD inputs and returns a fraction in [0, 1].
 """
 
 import numpy as np
+import numpy.typing as npt
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
@@ -21,7 +22,7 @@ def _labels_and_scores(score_id, score_ood):
     return y, np.r_[score_id, score_ood]
 
 
-def auroc(score_id, score_ood):
+def auroc(score_id: npt.ArrayLike, score_ood: npt.ArrayLike) -> float:
     """Area under the ROC curve, ID positive: the probability that a random ID
     input scores higher than a random OOD input.
 
@@ -47,7 +48,7 @@ def auroc(score_id, score_ood):
     return float(roc_auc_score(y, s))
 
 
-def aupr_in(score_id, score_ood):
+def aupr_in(score_id: npt.ArrayLike, score_ood: npt.ArrayLike) -> float:
     """Area under the precision-recall curve with ID as the positive class.
 
     Parameters
@@ -72,7 +73,7 @@ def aupr_in(score_id, score_ood):
     return float(average_precision_score(y, s))
 
 
-def aupr_out(score_id, score_ood):
+def aupr_out(score_id: npt.ArrayLike, score_ood: npt.ArrayLike) -> float:
     """Area under the precision-recall curve with OOD as the positive class
     (scores negated, so that higher = more OOD).
 
@@ -98,7 +99,7 @@ def aupr_out(score_id, score_ood):
     return float(average_precision_score(1 - y, -s))
 
 
-def fpr_at_tpr(score_id, score_ood, tpr=0.95):
+def fpr_at_tpr(score_id: npt.ArrayLike, score_ood: npt.ArrayLike, tpr: float = 0.95) -> float:
     """Fraction of OOD inputs accepted as ID at the threshold that accepts at
     least ``tpr`` of the ID inputs.
 
@@ -127,7 +128,7 @@ def fpr_at_tpr(score_id, score_ood, tpr=0.95):
     return float(fprs[np.searchsorted(tprs, tpr, side="left")])
 
 
-def tnr_at_tpr(score_id, score_ood, tpr=0.95):
+def tnr_at_tpr(score_id: npt.ArrayLike, score_ood: npt.ArrayLike, tpr: float = 0.95) -> float:
     """Fraction of OOD inputs rejected at the threshold that accepts at least
     ``tpr`` of the ID inputs: ``1 - fpr_at_tpr``.
 
@@ -154,7 +155,7 @@ def tnr_at_tpr(score_id, score_ood, tpr=0.95):
     return 1.0 - fpr_at_tpr(score_id, score_ood, tpr)
 
 
-def detection_accuracy(score_id, score_ood):
+def detection_accuracy(score_id: npt.ArrayLike, score_ood: npt.ArrayLike) -> float:
     """Best accuracy over thresholds with ID and OOD weighted equally:
     ``max_t 0.5 * (TPR(t) + TNR(t))`` (Liang et al. 2018).
 
@@ -181,7 +182,7 @@ def detection_accuracy(score_id, score_ood):
     return float(np.max(0.5 * (tprs + 1.0 - fprs)))
 
 
-def ood_report(score_id, score_ood, tpr=0.95):
+def ood_report(score_id: npt.ArrayLike, score_ood: npt.ArrayLike, tpr: float = 0.95) -> dict:
     """All the metrics above as a dict (fractions in [0, 1]).
 
     Parameters

@@ -185,7 +185,7 @@ def test_tampered_files_are_refused(split, tmp_path, tamper):
 
 
 def test_signatures(split, tmp_path):
-    load_split(split["dir"], key=KEY)
+    load_split(split["dir"], key=KEY, as_split=True)
     with pytest.raises(ValueError, match="signed with another key"):
         load_split(split["dir"], key=b"another key of sixteen+ bytes")
     with pytest.raises(ValueError, match="not signed"):
@@ -194,7 +194,7 @@ def test_signatures(split, tmp_path):
     directory = copy_split(split, tmp_path)
     shutil.copy(split["other"] / "cloud.pt2", directory / "cloud.pt2")
     rewrite_manifest(directory, files=["cloud.pt2"])
-    load_split(directory)  # consistent, so accepted without a key...
+    load_split(directory, as_split=True)  # consistent, so accepted without a key...
     with pytest.raises(ValueError, match="not signed"):
         load_split(directory, key=KEY)  # ...and refused by a device that holds the owner's key
     with pytest.raises(ValueError, match="at least 16 bytes"):

@@ -31,7 +31,8 @@ def test_every_package_warning_is_an_earlin_warning():
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
                 category = node.args[1] if len(node.args) > 1 else next(
                     (k.value for k in node.keywords if k.arg == "category"), None)
-                if category is None or ast.unparse(category) != "EarlinWarning":
+                if category is None or not issubclass(getattr(earlin_sklearn.exceptions, ast.unparse(category),
+                                                                  type(None)), earlin_sklearn.EarlinWarning):
                     offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
 

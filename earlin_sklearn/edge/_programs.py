@@ -9,6 +9,7 @@ runtime imports torch, and only when it is asked for.
 """
 
 import importlib.util
+import os
 
 import numpy as np
 
@@ -155,7 +156,9 @@ class EdgeProgram:
                 [np.asarray(p, dtype=np.float32) for p in payload])
 
 
-def load_edge_program(split_dir, runtime="auto", precision="auto", key=None, threads=1, manifest=None):
+def load_edge_program(split_dir: "str | os.PathLike[str]", runtime: str = "auto", precision: str = "auto",
+                      key: "bytes | str | None" = None, threads: int = 1,
+                      manifest: "dict | None" = None) -> "tuple[dict, EdgeProgram]":
     """The split's edge part in ``runtime``, verified: ``(manifest, program)``.
 
     Parameters

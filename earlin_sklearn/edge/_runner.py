@@ -11,7 +11,9 @@ import re
 import socket
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,7 @@ class CloudRefused(RuntimeError):
     ``record`` is the :class:`EdgeRecord` of the input whose upload was refused.
     """
 
-    record = None
+    record: Any = None
 
 
 class CloudUnreachable(ConnectionError):
@@ -167,10 +169,13 @@ class EdgeRunner:
     uploads the accepted ones.
     """
 
-    def __init__(self, split_dir, url, upload="auto", encoding="float32", token=None,
-                 uplink_mbit_s=10.0, cloud_gflop_s=1000.0, timeout=30.0, key=None, retries=5, backoff=0.5,
-                 jpeg_quality=90, compression="none", runtime="auto", precision="auto", threads=1, mean=None,
-                 std=None, report_every=100, device=None):
+    def __init__(self, split_dir: "str | os.PathLike[str]", url: str, upload: str = "auto",
+                 encoding: str = "float32", token: "str | None" = None, uplink_mbit_s: float = 10.0,
+                 cloud_gflop_s: float = 1000.0, timeout: float = 30.0, key: "bytes | str | None" = None,
+                 retries: int = 5, backoff: float = 0.5, jpeg_quality: int = 90, compression: str = "none",
+                 runtime: str = "auto", precision: str = "auto", threads: int = 1,
+                 mean: "Sequence[float] | None" = None, std: "Sequence[float] | None" = None,
+                 report_every: int = 100, device: "str | None" = None) -> None:
         from .._optional import require
 
         (httpx,) = require("EdgeRunner", "edge", "httpx")
@@ -199,7 +204,7 @@ class EdgeRunner:
         self.retries, self.backoff = int(retries), float(backoff)
         self.manifest, self.program = load_edge_program(split_dir, runtime, precision, key=key, threads=threads)
         self.preprocessing = self.manifest.get("preprocessing") or (
-            {"mean": list(mean), "std": list(std)} if mean is not None else None)
+            {"mean": list(mean), "std": list(std)} if mean is not None and std is not None else None)
         if self.preprocessing is not None:
             channels = self.manifest["input_shape"][0]
             for name in ("mean", "std"):
@@ -227,7 +232,7 @@ class EdgeRunner:
         self.device = device if device is not None else re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())[:64]
         if not DEVICE_ID.fullmatch(self.device):
             raise ValueError(f"device must be 1-64 of [A-Za-z0-9._:@-]; got {self.device!r}.")
-        self.reports = []  # the server's answers to this runner's reports
+        self.reports: list = []  # the server's answers to this runner's reports
 
     def send_report(self, records):
         """Report ``records`` (this device's inputs since its last report) to the server; its answer, or None.
@@ -339,7 +344,7 @@ class EdgeRunner:
             a = a[0]
         return a, None
 
-    def process(self, x, index=0, label=-1):
+    def process(self, x: np.ndarray, index: int = 0, label: int = -1) -> "EdgeRecord":
         """Decide on one input and upload it if it is ID (with retries).
 
         ``x`` is a model input ``(C, H, W)``, or a uint8 camera image
@@ -407,7 +412,8 @@ class EdgeRunner:
         record.status = "failed"
         record.bytes_sent = 0
 
-    def run(self, inputs, labels=None, log=None, resume=False):
+    def run(self, inputs: Iterable[np.ndarray], labels: "Iterable[int] | None" = None,
+            log: "str | os.PathLike[str] | None" = None, resume: bool = False) -> "list[EdgeRecord]":
         """Process a stream of inputs, writing one JSON line per input to ``log`` as it goes.
 
         Every input gets exactly one line, whatever ends the run: when the
@@ -442,7 +448,8 @@ class EdgeRunner:
                 raise ValueError("resume=True needs the log of the earlier run.")
             done = {r.index: r for r in read_log(log) if r.status == "ok"} if Path(log).exists() else {}
         missing = object()
-        pairs = ((x, -1) for x in inputs) if labels is None else itertools.zip_longest(inputs, labels, fillvalue=missing)
+        pairs: Any = ((x, -1) for x in inputs) if labels is None else itertools.zip_longest(inputs, labels,
+                                                                                           fillvalue=missing)
         pairs = enumerate(pairs)
         records = []
         out = None
