@@ -10,7 +10,8 @@ latency, non-200 answers, wrong classes (every answer checked against the
 cloud part run here), the server's resident memory. Beside them, in the same
 run and the same thread count, the bare cloud part's throughput at batch 1
 and batch 32: the ratio says how much of the batched compute the server
-delivers. Workers (``--workers``) are not built yet.
+delivers. Each setting runs with 1 and 2 worker processes (``--workers``;
+the resident memory is summed over the server's processes).
 """
 
 import argparse
@@ -34,6 +35,17 @@ from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # 
 from earlin_sklearn.edge._wire import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode  # noqa: E402
 
 SETTINGS = {"off": ("--max-wait-ms", "0", "--batch-inputs", "1"), "on": ("--max-wait-ms", "2", "--batch-inputs", "64")}
+
+
+def tree_rss_mib(pid):
+    """Resident memory of a process and its descendants (the server's workers), in MiB (Linux ``/proc``)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").iterdir():
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    return sum(rss_mib(p) for p in pids)
 
 
 def bare_throughput(cloud, payloads, batch, seconds):
@@ -103,8 +115,9 @@ def main(argv=None):
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--seconds", type=float, default=8.0, help="load time per setting")
     p.add_argument("--batching", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="serve-cloud --workers settings")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fleet"))
-    args = parse_args(p, argv, "fleet", models=["resnet20"], clients=[3], seconds=0.5, batching=["on"])
+    args = parse_args(p, argv, "fleet", models=["resnet20"], clients=[3], seconds=0.5, batching=["on"], workers=[1])
     import httpx
 
     torch.set_num_threads(1)  # the server runs one torch thread too: the ratios compare like with like
@@ -131,8 +144,8 @@ def main(argv=None):
                  "runs": []}
         print(name, "bare cloud part, inputs/s:", {b: round(v) for b, v in entry["bare_inputs_per_s"].items()},
               flush=True)
-        for setting in args.batching:
-            options = SETTINGS[setting]
+        for workers, setting in [(w, b) for w in args.workers for b in args.batching]:
+            options = (*SETTINGS[setting], "--workers", str(workers))
             port = free_port()
             proc = start_server(work / "split", port, "--token-file", str(work / "token"), *options,
                                 global_options=("--threads", "1"))
@@ -141,20 +154,20 @@ def main(argv=None):
                 with httpx.Client(base_url=url, headers=headers) as c:  # warm-up
                     for i in range(50):
                         c.post("/v1/activations", content=bodies[i % len(bodies)])
-                if setting == "on":
+                if setting == "on" and workers == args.workers[0]:
                     entry["http_ceiling_req_s"] = {n: asyncio.run(http_ceiling(url, n, args.seconds / 2))
                                                    for n in args.clients}
                     print(name, "GET /livez, requests/s:", entry["http_ceiling_req_s"], flush=True)
                 for n in args.clients:
                     run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds))
-                    run.update(batching=setting, clients=n, server_rss_mib=rss_mib(proc.pid),
+                    run.update(batching=setting, workers=workers, clients=n, server_rss_mib=tree_rss_mib(proc.pid),
                                vs_bare_batch32=run["requests_per_s"] / entry["bare_inputs_per_s"][32])
                     entry["runs"].append(run)
                     print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}, flush=True)
                 metrics = httpx.get(url + "/metrics", headers=headers).text
                 count = float(metrics.split("earlin_batch_inputs_count ")[1].split()[0])
                 total = float(metrics.split("earlin_batch_inputs_sum ")[1].split()[0])
-                entry[f"mean_batch_{setting}"] = total / count
+                entry[f"mean_batch_{setting}_{workers}w"] = total / count
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -165,19 +178,22 @@ def main(argv=None):
     m = results["machine"]
     lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
              "setting; the server and the bare cloud part on one torch thread; clients in one asyncio process)", "",
-             "| model | batching | clients | req/s | vs bare batch 32 | p50 ms | p99 ms | non-200 | wrong | RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | workers | batching | clients | req/s | vs bare batch 32 | p50 ms | p99 ms | non-200 | wrong | "
+             "RSS MiB (all processes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for r in entry["runs"]:
-            lines.append(f"| {name} | {r['batching']} | {r['clients']} | {r['requests_per_s']:.0f} | "
+            lines.append(f"| {name} | {r['workers']} | {r['batching']} | {r['clients']} | {r['requests_per_s']:.0f} | "
                          f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
                          f"{r['wrong_class']} | {r['server_rss_mib']:.0f} |")
     lines.append("")
     for name, entry in results["models"].items():
         bare = entry["bare_inputs_per_s"]
         lines.append(f"- {name}: bare cloud part {bare[1]:.0f} inputs/s at batch 1, {bare[32]:.0f} at batch 32; "
-                     f"mean inputs per cloud run: {entry.get('mean_batch_off', float('nan')):.2f} (batching off), "
-                     f"{entry.get('mean_batch_on', float('nan')):.2f} (on); the HTTP stack alone (GET /livez, no "
+                     "mean inputs per cloud run: " + ", ".join(
+                         f"{v:.2f} ({k[len('mean_batch_'):].replace('_', ', ').replace('w', ' workers')})"
+                         for k, v in entry.items() if k.startswith("mean_batch_"))
+                     + "; the HTTP stack alone (GET /livez, no "
                      "body, no compute, same clients): "
                      + ", ".join(f"{v:.0f} req/s at {n} clients" for n, v in entry["http_ceiling_req_s"].items()) + ".")
     (out / "results.md").write_text("\n".join(lines) + "\n")

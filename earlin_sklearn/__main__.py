@@ -47,6 +47,10 @@ def main(argv=None):
                        help="how long a request waits for batch-mates (0: run as it comes)")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="inputs that may wait for a batch; beyond, 503 with Retry-After")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes (uvicorn's), each with the split loaded; /metrics sums them")
+    serve.add_argument("--graceful-seconds", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     for sub_parser in (serve,):
@@ -121,9 +125,12 @@ def main(argv=None):
 
         if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
             parser.error("--ssl-certfile and --ssl-keyfile go together")
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
         serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key,
               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, header_timeout=args.header_timeout,
-              batch_inputs=args.batch_inputs, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+              batch_inputs=args.batch_inputs, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+              workers=args.workers, graceful_seconds=args.graceful_seconds)
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")

@@ -15,6 +15,7 @@ or a detector whose rate moved raises it.
 """
 
 import collections
+import time
 
 from scipy.stats import binom
 
@@ -41,9 +42,12 @@ class DriftMonitor:
         Reports pooled for the slow-drift tests (per device and fleet-wide).
     max_devices : int, default=10000
         Devices tracked; a report from one more is refused (:class:`TooManyDevices`).
+    history : int, default=120
+        Reports kept per device, with their time, for the status page; and
+        as many of the last alarms.
     """
 
-    def __init__(self, target_tpr, alpha=1e-4, window=10, max_devices=10000):
+    def __init__(self, target_tpr, alpha=1e-4, window=10, max_devices=10000, history=120):
         if not 0 < float(target_tpr) <= 1:
             raise ValueError(f"target_tpr must be in (0, 1]; got {target_tpr}.")
         self.rate, self.alpha, self.window, self.max_devices = float(target_tpr), float(alpha), int(window), int(max_devices)
@@ -51,13 +55,20 @@ class DriftMonitor:
         self.totals = collections.defaultdict(lambda: [0, 0])  # device -> [seen, accepted] since it started
         self.fleet = collections.deque(maxlen=self.window)
         self.alarms = collections.Counter()  # scope -> alarms raised
+        self.history = int(history)
+        self.timeline = {}  # device -> deque of (time, seen, accepted) of its last `history` reports
+        self.alarm_log = collections.deque(maxlen=self.history)  # (time, device, scope, seen, accepted)
 
-    def report(self, device, seen, accepted):
-        """Record one report; the list of alarms it raises (``"report"``, ``"device"``, ``"fleet"``)."""
+    def report(self, device, seen, accepted, now=None):
+        """Record one report (at time ``now``, default the clock's); the alarms it raises (``"report"``, ``"device"``,
+        ``"fleet"``)."""
+        now = time.time() if now is None else float(now)
         if device not in self.devices:
             if len(self.devices) >= self.max_devices:
                 raise TooManyDevices(f"already {len(self.devices)} devices reporting (the limit is {self.max_devices})")
             self.devices[device] = collections.deque(maxlen=self.window)
+            self.timeline[device] = collections.deque(maxlen=self.history)
+        self.timeline[device].append((now, seen, accepted))
         history = self.devices[device]
         history.append((seen, accepted))
         self.fleet.append((seen, accepted))
@@ -74,6 +85,7 @@ class DriftMonitor:
             alarms.append("fleet")
         for scope in alarms:
             self.alarms[scope] += 1
+            self.alarm_log.append((now, device, scope, seen, accepted))
         return alarms
 
     def fleet_rate(self):

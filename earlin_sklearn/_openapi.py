@@ -72,13 +72,16 @@ def post_route(images, max_batch, version):
 
 
 def get_route(kind):
-    """``openapi_extra`` and ``responses`` of ``GET /health``, ``/metrics`` or ``/livez``."""
+    """``openapi_extra`` and ``responses`` of ``GET /health``, ``/metrics``, ``/status`` or ``/livez``."""
     if kind == "livez":
         return {"responses": {200: {"description": "the server is up (nothing else is said)", "content": {
             "application/json": {"schema": {"type": "object", "properties": {"status": {"const": "ok"}}}}}}}}
     if kind == "metrics":
         ok = {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {
             "type": "string"}}}}
+    elif kind == "status":
+        ok = {"description": "the status page, for a person (HTML with inline SVG plots)", "content": {
+            "text/html": {"schema": {"type": "string"}}}}
     else:
         ok = {"description": "status, split version, input shape and payload", "content": {"application/json": {
             "schema": {"type": "object", "properties": {

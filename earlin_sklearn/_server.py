@@ -5,11 +5,13 @@ little code; uvicorn is its standard server. Both are well kept and pure
 Python wheels (``pip install earlin_sklearn[serve]``).
 """
 
+import base64
 import importlib.util
 import json
 import logging
 import os
 import secrets
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -18,11 +20,12 @@ import torch
 
 from ._allocator import IdleTrimmer
 from ._batching import DynamicBatcher, QueueFull
-from ._constants import COMPRESSIONS, IMAGE_FORMATS
+from ._constants import COMPRESSIONS, HEADER_TIMEOUT_ENV, IMAGE_FORMATS
 from ._drift import DriftMonitor, TooManyDevices
 from ._export import load_split
-from ._metrics import MetricsMiddleware, ServerMetrics
+from ._metrics import MULTIPROC_ENV, MetricsMiddleware, RequestLog, ServerMetrics
 from ._openapi import add_security_scheme, get_route, post_route, report_route
+from ._status import render_status
 from .edge._wire import (DEVICE_ID, ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION,
                          MAX_REPORT_INPUTS, compressed_limit,
                          decode, decode_image, decompress, encoded_size)
@@ -92,7 +95,9 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     ``{"device", "seen", "accepted", "score_quantiles"}``; answers the drift
     alarms it raised); ``GET /metrics`` (Prometheus text format: requests by route and status,
     latencies, batch sizes, bytes received by encoding, cloud-stage
-    verdicts, queue depth; the token applies).
+    verdicts, queue depth; the token applies); ``GET /status`` (a page for a
+    person: the devices' acceptance over time, alarms, throughput and
+    latency; the token applies, also as an HTTP Basic password).
     Both POST endpoints answer ``{"predictions": [...], "cloud_ms": ...,
     "batch_inputs": ...}`` (the compute time and size of the batch the
     request ran in).
@@ -117,7 +122,7 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     >>> _ = save_split(*det.export_split(), folder, X[:2], formats=("pt2",))
     >>> app = create_cloud_app(folder, token="s3cret")  # serve it with uvicorn.run(app) or earlin serve-cloud
     >>> sorted(r.path for r in app.routes)
-    ['/health', '/livez', '/metrics', '/v1/activations', '/v1/raw', '/v1/report']
+    ['/health', '/livez', '/metrics', '/status', '/v1/activations', '/v1/raw', '/v1/report']
     """
     from ._optional import require
 
@@ -148,13 +153,24 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     app = FastAPI(title="earlin cloud", version=version, docs_url="/docs" if show_docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if show_docs else None)
 
-    def check_token(request):
+    def check_token(request, browser=False):
+        """The bearer token; with ``browser``, also HTTP Basic with the token as the password (any user name),
+        which a browser asks a person for (the 401 then names Basic)."""
         if token is None:
             return
         scheme, _, credentials = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
-        if scheme.lower() != "bearer" or not secrets.compare_digest(credentials.strip().encode(), str(token).encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        sent = credentials.strip().encode()
+        if browser and scheme.lower() == "basic":
+            try:
+                sent = base64.b64decode(sent, validate=True).partition(b":")[2]
+            except ValueError:
+                sent = b""
+        elif scheme.lower() != "bearer":
+            sent = b""
+        if not (sent and secrets.compare_digest(sent, str(token).encode())):
+            challenge = 'Basic realm="earlin", charset="UTF-8"' if browser else "Bearer"
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": challenge})
 
     def check_version(request, what="payload"):
         """The token, then the split version the body was made for: 428 without one, 409 for another."""
@@ -334,6 +350,16 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
         metrics.queue_depth.labels("raw").set(batchers["raw"].depth)
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    request_log = RequestLog()
+
+    @app.get("/status", **get_route("status"))
+    def status_page(request: Request):
+        """For a person: the edges' acceptance over time, alarms, throughput and latency (HTML, inline SVG)."""
+        check_token(request, browser=True)
+        page = render_status(version, monitor, request_log)
+        return Response(page, media_type="text/html; charset=utf-8", headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'", "Cache-Control": "no-store"})
+
     @app.post("/v1/activations", **post_route(images=False, max_batch=max_batch, version=version))
     async def activations(request: Request):
         with batchers["activations"].expecting():
@@ -345,7 +371,8 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
             return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
 
     app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={getattr(route, "path") for route in app.routes})
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={getattr(route, "path") for route in app.routes},
+                       log=request_log)
     add_security_scheme(app)
     return app
 
@@ -363,59 +390,57 @@ def warm_up(edge, cloud, input_shape):
 
 
 def header_timeout_protocol(seconds):
-    """uvicorn's h11 protocol with a deadline for request headers (uvicorn has none: slow-loris clients).
+    """uvicorn's h11 protocol with a deadline for request headers of ``seconds`` (:class:`_http.HeaderTimeoutH11`)."""
+    from ._http import HeaderTimeoutH11
 
-    A connection that has not sent a request's complete headers ``seconds``
-    after it opened, or after its previous response, is closed.
-    """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    return type("HeaderTimeoutH11", (HeaderTimeoutH11,), {"seconds": float(seconds)})
 
-    class HeaderTimeoutH11(H11Protocol):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._arm()
 
-        def _arm(self):
-            self._disarm()
-            self._header_timer = self.loop.call_later(seconds, self._expire)
+APP_CONFIG_ENV = "EARLIN_SERVE_CONFIG"
+"""The environment variable that hands ``create_cloud_app``'s arguments to uvicorn's worker processes."""
 
-        def _disarm(self):
-            timer = getattr(self, "_header_timer", None)
-            if timer is not None:
-                timer.cancel()
-            self._header_timer = None
 
-        def _expire(self):
-            self._header_timer = None
-            if self.cycle is None or self.cycle.response_complete:  # no request under way: headers too slow
-                logger.info("closing a connection that sent no complete request headers in %s s", seconds)
-                self.transport.close()
-
-        def data_received(self, data):
-            super().data_received(data)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()  # headers complete: the body has its own deadline (body_timeout)
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            self._arm()
-
-        def connection_lost(self, exc):
-            self._disarm()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutH11
+def app_from_environment():
+    """The app of one worker process of ``serve(workers=N)``: ``create_cloud_app`` with the arguments in
+    ``$EARLIN_SERVE_CONFIG`` (uvicorn's workers import an app factory by name; they get no arguments)."""
+    config = json.loads(os.environ[APP_CONFIG_ENV])
+    key = config.pop("key_b64")
+    return create_cloud_app(**config, key=None if key is None else base64.b64decode(key))
 
 
 def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None,
           ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5, header_timeout=10.0, batch_inputs=64,
-          max_wait_ms=2.0, max_queue=1024):
-    """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key."""
+          max_wait_ms=2.0, max_queue=1024, workers=1, graceful_seconds=30.0):
+    """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key.
+
+    ``workers > 1``: uvicorn's own process model, that many worker processes
+    on one listening socket, each with the split loaded, its own batcher and
+    drift monitor; ``/metrics`` then sums the workers' counts
+    (prometheus-client's multiprocess mode, in ``$PROMETHEUS_MULTIPROC_DIR``,
+    a fresh temporary folder unless set). On SIGINT or SIGTERM, requests in
+    flight are finished (for at most ``graceful_seconds``) before a worker exits.
+    """
     from ._optional import require
 
     (uvicorn,) = require("serve", "serve", "uvicorn")
 
-    app = create_cloud_app(split_dir, token=token, max_bytes=max_bytes, key=key, batch_inputs=batch_inputs,
-                           max_wait_ms=max_wait_ms, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                timeout_keep_alive=timeout_keep_alive, http=header_timeout_protocol(header_timeout))
+    options = dict(host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                   timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=graceful_seconds)
+    config = dict(split_dir=str(split_dir), token=token, max_bytes=max_bytes, batch_inputs=batch_inputs,
+                  max_wait_ms=max_wait_ms, max_queue=max_queue)
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}.")
+    if int(workers) == 1:
+        app = create_cloud_app(**config, key=key)
+        uvicorn.run(app, **options, http=header_timeout_protocol(header_timeout))
+        return
+    load_split(split_dir, parts=(), key=key, as_split=True)  # a bad split or key fails here, once, not per worker
+    if isinstance(key, str):
+        key = key.encode()
+    os.environ[APP_CONFIG_ENV] = json.dumps({**config, "key_b64": None if key is None else
+                                             base64.b64encode(key).decode()})
+    os.environ[HEADER_TIMEOUT_ENV] = str(float(header_timeout))
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="earlin_metrics_")
+    uvicorn.run("earlin_sklearn._server:app_from_environment", factory=True, workers=int(workers), **options,
+                http="earlin_sklearn._http:HeaderTimeoutH11")

@@ -40,22 +40,26 @@ MISTAKES = {  # line -> what the checker must say
 }
 
 
-def run_mypy(tmp_path, code):
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """One mypy run over the package, a user's script (``user.py``) and one of mistakes (``bad.py``)."""
     api = pytest.importorskip("mypy.api")
-    user = tmp_path / "user.py"
-    user.write_text(textwrap.dedent(code))
-    out, err, status = api.run([str(user), str(ROOT / "earlin_sklearn"), "--config-file", str(ROOT / "setup.cfg"),
-                                "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--show-error-codes"])
-    return out + err, status
+    folder = tmp_path_factory.mktemp("typing")
+    (folder / "user.py").write_text(textwrap.dedent(USER_CODE))
+    (folder / "bad.py").write_text("from earlin_sklearn import ShallowFeatureOODDetector, load_split, recommend_layer\n"
+                                   "from earlin_sklearn.metrics import auroc\n" + "\n".join(MISTAKES) + "\n")
+    out, err, status = api.run([str(folder / "user.py"), str(folder / "bad.py"), str(ROOT / "earlin_sklearn"),
+                                "--config-file", str(ROOT / "setup.cfg"), "--cache-dir", str(folder / "cache"),
+                                "--no-error-summary", "--show-error-codes"])
+    return (out + err).splitlines()
 
 
-def test_the_package_and_a_user_script_type_check(tmp_path):
-    out, status = run_mypy(tmp_path, USER_CODE)
-    errors = [line for line in out.splitlines() if ": error:" in line]
-    assert not errors and status == 0, out
-    # (mypy versions differ in spelling the builtins: "float" or "float")
+def test_the_package_and_a_user_script_type_check(checked):
+    errors = [line for line in checked if ": error:" in line and "bad.py:" not in line]
+    assert not errors, "\n".join(checked)
+    # (mypy versions differ in spelling the builtins: "builtins.float" or "float")
     revealed = [line.split("Revealed type is ", 1)[1].strip('"').replace("builtins.", "")
-                for line in out.splitlines() if "Revealed type" in line]
+                for line in checked if "Revealed type" in line and "user.py:" in line]
     expected = [
         "earlin_sklearn._detector.ShallowFeatureOODDetector",
         "numpy.ndarray[tuple[Any, ...], numpy.dtype[Any]]",
@@ -71,17 +75,13 @@ def test_the_package_and_a_user_script_type_check(tmp_path):
     ]
     # numpy's own spelling of an array type differs between its versions: only its class is compared
     assert [r.split("[")[0] if r.startswith("numpy.ndarray") else r for r in revealed] == \
-        [e.split("[")[0] if e.startswith("numpy.ndarray") else e for e in expected], out
+        [e.split("[")[0] if e.startswith("numpy.ndarray") else e for e in expected], "\n".join(checked)
 
 
-def test_wrong_calls_are_type_errors(tmp_path):
-    code = "from earlin_sklearn import ShallowFeatureOODDetector, load_split, recommend_layer\n" \
-           "from earlin_sklearn.metrics import auroc\n" + "\n".join(MISTAKES)
-    out, status = run_mypy(tmp_path, code)
-    assert status == 1
+def test_wrong_calls_are_type_errors(checked):
     for line, (call, message) in enumerate(MISTAKES.items(), start=3):
-        said = [m for m in out.splitlines() if f"user.py:{line}:" in m]
-        assert any(message in m for m in said), (call, said, out)
+        said = [m for m in checked if f"bad.py:{line}:" in m]
+        assert any(message in m for m in said), (call, said, checked)
 
 
 def test_the_package_says_it_is_typed():
