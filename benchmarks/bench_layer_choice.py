@@ -23,6 +23,7 @@ detector fit at the deepest candidate, timed before and after.
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -118,10 +119,24 @@ def run_model(name, data_dir, budgets, max_ood, grid_search=True, grid_search_ca
             "grid_search_pseudo": None if old is None else {r["layer"]: r["pseudo_auroc"] for r in old.table}}
 
 
-def markdown(results, budgets):
+def reuse_grid_search(results, path):
+    """The old search's times and choices from an earlier run's ``results.json`` (it takes half an hour)."""
+    earlier = json.loads(Path(path).read_text())["results"]
+    for name, r in results.items():
+        before = earlier.get(name, {})
+        r["grid_search_seconds"] = before.get("grid_search_seconds")
+        r["grid_search_pseudo"] = before.get("grid_search_pseudo")
+        old = {c["budget"]: c.get("grid_search") for c in before.get("choices", [])}
+        for c in r["choices"]:
+            c["grid_search"] = old.get(c["budget"])
+
+
+def markdown(results, budgets, grid_search_from=None):
     lines = [f"Command: `python benchmarks/bench_layer_choice.py --data-dir <data>`; machine: {machine()['cpu']}", ""]
-    lines += ["Time (one run; the machine otherwise idle): `recommend_layer` against the grid search it replaced "
-              "and one default detector fit at the deepest candidate (timed before and after it):", "",
+    where = "in the same run" if grid_search_from is None else \
+        f"(the grid search's time and choices from an earlier run, `--grid-search-from {grid_search_from}`)"
+    lines += [f"Time: `recommend_layer` against the grid search it replaced {where}, and one default detector fit "
+              "at the deepest candidate, timed before and after `recommend_layer`:", "",
               "| model | recommend_layer (one pass) | grid search (before) | one default fit | "
               "one pass / one fit | grid search / one pass |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -161,12 +176,16 @@ def main(argv=None):
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.25, 0.5])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer_choice"))
     p.add_argument("--skip-grid-search", action="store_true", help="leave out the old search (minutes)")
+    p.add_argument("--grid-search-from", help="an earlier run's results.json: its grid search instead of a new one")
     args = parse_args(p, argv, "layer_choice", models=["resnet20"], max_ood=16, budgets=[0.5])
     # (the smoke run's grid search covers only the first two candidates: it checks the code, in seconds)
-    results = {name: run_model(name, args.data_dir, args.budgets, args.max_ood, not args.skip_grid_search,
-                               2 if args.smoke else None)
+    reuse = args.grid_search_from
+    results = {name: run_model(name, args.data_dir, args.budgets, args.max_ood,
+                               not (args.skip_grid_search or reuse), 2 if args.smoke else None)
                for name in args.models}
-    table = markdown(results, args.budgets)
+    if reuse:
+        reuse_grid_search(results, reuse)
+    table = markdown(results, args.budgets, reuse)
     write_results(args.out, table, {"machine": machine(), "budgets": args.budgets, "results": results})
 
 
