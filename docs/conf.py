@@ -26,6 +26,9 @@ source_suffix = {".rst": "restructuredtext"}
 autosummary_generate = True
 templates_path = ["_templates"]
 numpydoc_show_class_members = False
+# the signatures' type hints (for type checkers: py.typed) stay out of the rendered signatures; the numpydoc
+# Parameters sections say the types for a reader, and name private aliases and typing classes nowhere
+autodoc_typehints = "none"
 numpydoc_class_members_toctree = False
 exclude_patterns = ["_build", "generated/*.examples", "**/README.md"]
 html_theme = "pydata_sphinx_theme"
