@@ -355,14 +355,15 @@ class ProgramEdge(_ExportedProgram):
         return EdgeOutput(is_id, score, crossing[0] if len(crossing) == 1 else tuple(crossing))
 
 
-class ProgramCloud(_ExportedProgram):
+class ProgramCloud(CloudModule):
     """A loaded cloud program (``cloud.pt2``) called as :class:`CloudModule` is: ``cloud(payload)`` with a tensor
-    or a tuple of them, or ``cloud(*tensors)``."""
+    or a tuple of them, or ``cloud(*tensors)``; always in evaluation mode, as :class:`_ExportedProgram`."""
 
-    def forward(self, *payload):
-        if len(payload) == 1 and isinstance(payload[0], (tuple, list)):
-            payload = tuple(payload[0])
-        return self.program(*payload)
+    def __init__(self, program):
+        super().__init__(program)
+        self.training = False
+
+    train = _ExportedProgram.train
 
 
 def build_split(detector):
