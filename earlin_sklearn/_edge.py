@@ -116,7 +116,8 @@ class DetectorHead(nn.Module):
             lam, mean, scale = lam[order], mean[order], scale[order]
             # yeo_johnson(b) = ((1 + relu(b)) ** lam - 1) / lam - ((1 + relu(-b)) ** (2 - lam) - 1) / (2 - lam): one
             # power of each side of zero (the other side is 1 ** e - 1 = 0), in PowerTransformer's order of operations
-            self.register_buffer("one", torch.ones(1, dtype=torch.float64))
+            # one row per side: 1 + side * shift, where shifted() moves every input feature by `shift` for free
+            self.register_buffer("one", torch.ones((2, lam.size), dtype=torch.float64))
             self.register_buffer("side", torch.as_tensor(np.stack([np.ones_like(lam), -np.ones_like(lam)])))
             self.register_buffer("exponent", torch.as_tensor(np.stack([lam, 2.0 - lam])))
             self.register_buffer("signed_exponent", torch.as_tensor(np.stack([lam, lam - 2.0])))
@@ -142,6 +143,31 @@ class DetectorHead(nn.Module):
         n_pooled = gaussianize.n_features_in_ if gaussianize is not None else select.n_features_in_
         return cls(select.channels_, distance.centroids_, distance.whitening_, distance.metric, distance.offset_,
                    n_pooled=n_pooled, gaussianize=gaussianize, input_order=input_order)
+
+    @property
+    def shift_buffer(self):
+        """The buffer that :meth:`shifted` changes: ``"one"`` with the Yeo-Johnson transform, else ``"reference"``."""
+        return "one" if self.gaussianize else "reference"
+
+    def shifted(self, shift):
+        """A copy that scores ``pooled + shift`` for input ``pooled``, at no extra operation.
+
+        ``shift`` (one value per input feature, in the head's input order)
+        corrects a systematic bias of the features, such as an int8 prefix's
+        (see ``earlin_sklearn._device_formats.int8_edge``). It is folded
+        into the buffers the first operation reads: ``one`` (``1 + side *
+        shift``) with the Yeo-Johnson transform, ``reference`` without it.
+        """
+        head = copy.deepcopy(self)
+        shift = torch.as_tensor(np.asarray(shift, dtype=np.float64)).reshape(-1)
+        if shift.numel() != self.reference.numel():
+            raise ValueError(f"shift has {shift.numel()} values; the head takes {self.reference.numel()} features.")
+        with torch.no_grad():
+            if self.gaussianize:
+                head.one.copy_(self.one + self.side * shift.to(self.one.dtype))
+            else:
+                head.reference.copy_(self.reference - shift.to(self.reference.dtype))
+        return head
 
     def forward(self, pooled):
         if self.gaussianize:
