@@ -227,7 +227,8 @@ def save_split(edge: torch.nn.Module, cloud: torch.nn.Module, directory: PathTyp
         "offset": offset,
         "target_tpr": target_tpr,
         "edge_programs": programs,
-        "cloud_detector": {"method": cloud.method, "offset": float(cloud.offset), "temperature": cloud.temperature}
+        "cloud_detector": {"method": cloud.method, "offset": float(cloud.offset), "temperature": cloud.temperature,
+                           **({"k": cloud.k, "bank_size": int(cloud.bank.shape[0])} if cloud.k is not None else {})}
         if two_stage else None,
         "payload": payload_spec,
         "flops": {"edge": edge_flops, "cloud": cloud_flops, "full": edge_flops + cloud_flops},

@@ -48,10 +48,10 @@ def _allowed():
     from ._features import BackboneFeatures
     from ._moments import FeatureMoments
     from ._selection import ChannelSelector
-    from .baselines import KNNDetector, LogitDetector
+    from .baselines import EnergyKNNDetector, KNNDetector, LogitDetector
 
     classes = (ShallowFeatureOODDetector, BackboneFeatures, ChannelSelector, DistanceDetector, LogitDetector,
-               KNNDetector, FeatureMoments, Pipeline, PowerTransformer, StandardScaler)
+               KNNDetector, EnergyKNNDetector, FeatureMoments, Pipeline, PowerTransformer, StandardScaler)
     return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
 
 

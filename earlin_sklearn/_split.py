@@ -1,5 +1,6 @@
 """Model splitting: cut a backbone's torch.fx graph at a layer into an edge part and a cloud part."""
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -258,3 +259,29 @@ def check_tensor_payload(edge, example):
                 f"The value {name!r} of type {type(value).__name__} would cross the cut: only "
                 "tensors can be sent to the cloud. Cut at another layer."
             )
+
+
+def with_classifier_input(graph_module: fx.GraphModule, classifier: str) -> fx.GraphModule:
+    """A copy of ``graph_module`` that returns ``(output, features)``: its output and the input of ``classifier``.
+
+    ``classifier`` (a dotted module name) must be the linear layer whose
+    output is the graph's output, so ``features`` are the penultimate
+    features that the logits are computed from (what a feature-space cloud
+    score reads, :class:`~earlin_sklearn.baselines.EnergyKNNDetector`).
+
+    Raises
+    ------
+    ValueError
+        If the graph's output is not ``classifier``'s.
+    """
+    gm = copy.deepcopy(graph_module)
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    logits = output.args[0]
+    if not (isinstance(logits, fx.Node) and logits.op == "call_module" and logits.target == classifier):
+        raise ValueError(f"the cloud part's output is not the output of its layer {classifier!r}, so its "
+                         "penultimate features cannot be read; feature-space cloud scores need a model whose "
+                         "forward() ends with its classifier layer.")
+    output.args = ((logits, logits.args[0]),)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

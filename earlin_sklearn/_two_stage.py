@@ -17,12 +17,14 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._detector import ShallowFeatureOODDetector
-from ._edge import Split
+from ._edge import CloudModule, Split
+from ._split import with_classifier_input
 from ._threshold import ThresholdMixin, calibration_scores, n_rejected, offset_for_tpr
-from .baselines import LogitDetector, logit_score
+from .baselines import EnergyKNNDetector, LogitDetector, energy_knn_score, logit_score
 from ._typing import Images, Labels, fit_context
 
-CLOUD_METHODS = ("energy", "msp", "maxlogit")  # logit scores that need no input gradient (ODIN does)
+# logit scores that need no input gradient (ODIN does), and energy + KNN on the penultimate features
+CLOUD_METHODS = ("energy", "msp", "maxlogit", "energy+knn")
 
 
 class CloudHead(nn.Module):
@@ -32,10 +34,14 @@ class CloudHead(nn.Module):
     ----------
     cloud : CloudModule
         The cloud part of the split.
-    method : {"energy", "msp", "maxlogit"}
+    method : {"energy", "msp", "maxlogit", "energy+knn"}
     offset : float
         The cloud stage's threshold (``score >= offset`` is ID).
     temperature : float, default=1.0
+    knn : EnergyKNNDetector, default=None
+        For ``"energy+knn"``: the fitted cloud stage whose bank, ``k`` and
+        standardization the head copies; the cloud part then also returns the
+        input of its classifier layer (``classifier_``), which the score reads.
 
     Examples
     --------
@@ -50,16 +56,30 @@ class CloudHead(nn.Module):
     True
     """
 
-    def __init__(self, cloud, method, offset, temperature=1.0):
+    def __init__(self, cloud, method, offset, temperature=1.0, knn=None):
         super().__init__()
-        self.cloud = cloud
+        if method not in CLOUD_METHODS:
+            raise ValueError(f"method must be one of {CLOUD_METHODS}; got {method!r}.")
+        if (method == "energy+knn") != (knn is not None):
+            raise ValueError("method='energy+knn' needs knn= the fitted EnergyKNNDetector (and only it does).")
         self.method = method
         self.temperature = float(temperature)
         self.register_buffer("offset", torch.tensor(float(offset), dtype=torch.float64))
+        self.k = None
+        if knn is not None:  # the cloud part returns (logits, penultimate features)
+            cloud = CloudModule(with_classifier_input(cloud.suffix, knn.classifier_))
+            self.k = int(knn.n_neighbors_)
+            self.register_buffer("bank", torch.from_numpy(knn.bank_.copy()))
+            self.register_buffer("standardization", torch.from_numpy(knn.standardization_.copy()))
+        self.cloud = cloud
 
     def forward(self, *payload):
-        logits = self.cloud(*payload)  # CloudModule: a payload tuple or the tensors
-        score = logit_score(logits, self.method, self.temperature)
+        if self.k is not None:
+            logits, features = self.cloud(*payload)  # CloudModule: a payload tuple or the tensors
+            score = energy_knn_score(logits, features, self.bank, self.k, self.standardization)
+        else:
+            logits = self.cloud(*payload)
+            score = logit_score(logits, self.method, self.temperature)
         return logits, score, score >= self.offset
 
 
@@ -75,7 +95,11 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     edge : ShallowFeatureOODDetector
         The edge stage (unfitted; cloned). Its ``backbone`` is the model the
         cloud stage reads logits from.
-    cloud_method : {"energy", "msp", "maxlogit"}, default="energy"
+    cloud_method : {"energy", "msp", "maxlogit", "energy+knn"}, default="energy"
+        The cloud stage's score: a :class:`~earlin_sklearn.baselines.LogitDetector`'s, or
+        :class:`~earlin_sklearn.baselines.EnergyKNNDetector`'s (energy plus
+        KNN on the penultimate features; the exported cloud part then holds
+        the training images' features, ``n x d`` float32).
     target_tpr : float, default=0.95
         Overall fraction of ID inputs accepted by both stages.
     edge_share : float, default=0.5
@@ -86,7 +110,7 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     Attributes
     ----------
     edge_ : ShallowFeatureOODDetector
-    cloud_ : LogitDetector
+    cloud_ : LogitDetector or EnergyKNNDetector
     offset_ : float
         0: ``score_samples`` is the smaller of the two stages' margins.
 
@@ -131,9 +155,12 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """
         edge_tpr, cloud_tpr = self._stage_tprs()
         self.edge_ = clone(self.edge).set_params(target_tpr=edge_tpr).fit(X, y)
-        self.cloud_ = LogitDetector(self.edge.backbone, self.cloud_method, target_tpr=cloud_tpr,
-                                    batch_size=self.edge.batch_size, device=self.edge.device,
-                                    n_threads=self.edge.n_threads).fit(X)
+        common = {"target_tpr": cloud_tpr, "batch_size": self.edge.batch_size, "device": self.edge.device,
+                  "n_threads": self.edge.n_threads}
+        if self.cloud_method == "energy+knn":
+            self.cloud_ = EnergyKNNDetector(self.edge.backbone, **common).fit(X)
+        else:
+            self.cloud_ = LogitDetector(self.edge.backbone, self.cloud_method, **common).fit(X)
         self.n_features_in_ = self.edge_.n_features_in_
         self.offset_ = 0.0
         return self
@@ -200,8 +227,11 @@ class TwoStageDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         edge, cloud = self.edge_.export_split()
-        temperature = self.cloud_.temperature if self.cloud_.temperature is not None else 1.0
-        head = CloudHead(cloud, self.cloud_method, self.cloud_.offset_, temperature)
+        if isinstance(self.cloud_, EnergyKNNDetector):
+            head = CloudHead(cloud, self.cloud_method, self.cloud_.offset_, knn=self.cloud_)
+        else:
+            temperature = self.cloud_.temperature if self.cloud_.temperature is not None else 1.0
+            head = CloudHead(cloud, self.cloud_method, self.cloud_.offset_, temperature)
         return Split(edge, head.eval().requires_grad_(False))
 
     def __sklearn_tags__(self):

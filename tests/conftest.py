@@ -62,6 +62,18 @@ class AnyInputClassifier(AnyInputNet):
         return super().forward(x).flatten(1)
 
 
+class AnyInputLinearClassifier(AnyInputNet):
+    """:class:`AnyInputNet` whose logits ``(N, 3)`` come from an ``nn.Linear`` on pooled features (penultimate
+    features for :class:`~earlin_sklearn.baselines.EnergyKNNDetector`)."""
+
+    def __init__(self, width=6):
+        super().__init__(width)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(super().forward(x).mean((2, 3)))
+
+
 class TinyCNN(nn.Module):
     """A 3-channel CNN with a stem, two stages and a classifier (like a mini ResNet)."""
 

@@ -5,9 +5,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from earlin_sklearn import (BackboneFeatures, ChannelSelector, DistanceDetector, ShallowFeatureOODDetector,
                             TwoStageDetector)
-from earlin_sklearn.baselines import KNNDetector, LogitDetector
+from earlin_sklearn.baselines import EnergyKNNDetector, KNNDetector, LogitDetector
 
-from .conftest import AnyInputClassifier, AnyInputNet
+from .conftest import AnyInputClassifier, AnyInputLinearClassifier, AnyInputNet
 
 ESTIMATORS = [
     BackboneFeatures(AnyInputNet(), layer="act", device="cpu"),
@@ -23,6 +23,7 @@ ESTIMATORS = [
     LogitDetector(AnyInputClassifier().double(), method="odin", temperature=10.0, device="cpu"),
     LogitDetector(AnyInputClassifier().double(), method="energy", device="cpu"),
     KNNDetector(k=3),
+    EnergyKNNDetector(AnyInputLinearClassifier().double(), k=3, device="cpu"),
     TwoStageDetector(ShallowFeatureOODDetector(AnyInputClassifier().double(), layer="act", device="cpu")),
 ]
 
@@ -44,7 +45,8 @@ FLOAT32_BATCHES = (
 
 def expected_failed_checks(estimator):
     failed = {}
-    if isinstance(estimator, (BackboneFeatures, ShallowFeatureOODDetector, LogitDetector, TwoStageDetector)):
+    if isinstance(estimator, (BackboneFeatures, ShallowFeatureOODDetector, LogitDetector, EnergyKNNDetector,
+                               TwoStageDetector)):
         failed["check_estimators_overwrite_params"] = TORCH_PARAM_HASH
     if isinstance(estimator, ShallowFeatureOODDetector) and next(estimator.backbone.parameters()).dtype.itemsize == 4:
         failed["check_methods_subset_invariance"] = FLOAT32_BATCHES

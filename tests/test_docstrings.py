@@ -20,7 +20,8 @@ def public_names():
     names = [f"earlin_sklearn.{n}" for n in earlin_sklearn.__all__ if n not in RECORDS and n != "metrics"]
     names += [f"earlin_sklearn.metrics.{n}" for n, f in vars(metrics).items()
               if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == metrics.__name__]
-    names += ["earlin_sklearn.baselines.LogitDetector", "earlin_sklearn.baselines.KNNDetector"]
+    names += ["earlin_sklearn.baselines.LogitDetector", "earlin_sklearn.baselines.KNNDetector",
+              "earlin_sklearn.baselines.EnergyKNNDetector"]
     return names
 
 

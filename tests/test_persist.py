@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from earlin_sklearn import BackboneFeatures, ShallowFeatureOODDetector, load_detector, save_detector
-from earlin_sklearn.baselines import KNNDetector, LogitDetector
+from earlin_sklearn.baselines import EnergyKNNDetector, KNNDetector, LogitDetector
 from earlin_sklearn._export import seal
 from earlin_sklearn.models import cifar_resnet
 
@@ -24,7 +24,8 @@ def _data(n=60):
     lambda net: ShallowFeatureOODDetector(net, "layer1", gaussianize=None, n_channels=0.5, device="cpu"),
     lambda net: BackboneFeatures(net, "layer1.1", device="cpu"),
     lambda net: LogitDetector(net, "energy", device="cpu"),
-], ids=["default", "plain", "features", "logits"])
+    lambda net: EnergyKNNDetector(net, k=5, device="cpu"),
+], ids=["default", "plain", "features", "logits", "energy+knn"])
 def test_round_trip_is_exact(make, tmp_path):
     X, y = _data()
     est = make(cifar_resnet(20)).fit(X, y)
