@@ -71,6 +71,7 @@ def classifier_outputs(model, x, classifier=None):
     seen = {}
     modules = ([(classifier, model.get_submodule(classifier))] if classifier is not None else
                [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+
     def record(name):
         def hook(module, inputs, output):  # returns None: the output is left as it is
             seen.setdefault(id(output), (name, inputs[0], output))  # kept alive, so no later tensor takes its id
@@ -397,8 +398,10 @@ class EnergyKNNDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstim
         if not is_torch_data(X):
             X = validate_images(self, X, reset=False)
         logits, features = self._outputs(X)
-        return energy_knn_score(logits, features, torch.from_numpy(self.bank_), self.n_neighbors_,
-                                torch.from_numpy(self.standardization_)).numpy()
+        bank, standardization = torch.from_numpy(self.bank_), torch.from_numpy(self.standardization_)
+        # in chunks: each compares its images with the whole bank
+        return torch.cat([energy_knn_score(z, f, bank, self.n_neighbors_, standardization)
+                          for z, f in zip(logits.split(1024), features.split(1024))]).numpy()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
