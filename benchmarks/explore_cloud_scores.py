@@ -15,7 +15,11 @@ the logits at no extra cost. Candidates, each "higher = more ID":
   & Qin 2024: mean distance to the decision boundaries of the predicted
   class, over the feature's distance to the training mean);
 - combinations: the sum of two scores, each standardized by its mean and
-  standard deviation on held-out ID images (no OOD data).
+  standard deviation on held-out ID images (no OOD data);
+- test-time flip (``(flip)``): energy, KNN and their sum scored as the mean
+  over the image and its mirror image. The cloud then runs the model twice,
+  and it needs the image: a split's activation payload cannot be flipped
+  (the prefix's convolutions are not mirror-symmetric).
 
 Two columns per candidate:
 
@@ -52,6 +56,9 @@ SINGLE = ["energy", "maxlogit", "msp", "gen", "react", "knn", "knn10", "knn1", "
 PAIRS = [("energy", "knn"), ("energy", "knn10"), ("energy", "fdbd"), ("energy", "mahalanobis"), ("maxlogit", "knn"),
          ("energy", "vim"), ("knn", "fdbd"), ("msp", "knn"), ("gen", "knn"), ("react", "knn"), ("energy", "nnguide"),
          ("gen", "knn10"), ("react", "knn10")]
+# also scored with a test-time horizontal flip (the cloud runs the model twice; needs the image, not activations)
+FLIP = ["energy", "knn10"]
+FLIP_PAIRS = [("energy", "knn10")]
 FULL_MODEL_BASELINES = ["energy", "maxlogit", "msp", "knn", "vim"]  # the issue's "best single full-model score"
 
 
@@ -146,28 +153,38 @@ class Scores:
         raise ValueError(name)
 
 
-def candidate_scores(scores, norm_z, sets):
-    """Every candidate's scores of each set in ``sets`` (name -> features); pairs standardized on ``norm_z``."""
-    single = {name: {s: scores(name, z) for s, z in sets.items()} for name in SINGLE}
-    ref = {name: scores(name, norm_z) for name in SINGLE}
+def candidate_scores(scores, norm, sets):
+    """Every candidate's scores of each set in ``sets`` (name -> ``(features, features of the flipped images)``);
+    pairs standardized on ``norm`` (the same pair for the standardization images)."""
+    single = {name: {s: scores(name, z) for s, (z, _) in sets.items()} for name in SINGLE}
+    ref = {name: scores(name, norm[0]) for name in SINGLE}
+    for name in FLIP:  # test-time flip: the mean of the image's and its mirror image's scores
+        single[f"{name} (flip)"] = {s: (scores(name, z) + scores(name, zf)) / 2 for s, (z, zf) in sets.items()}
+        ref[f"{name} (flip)"] = (scores(name, norm[0]) + scores(name, norm[1])) / 2
     out = dict(single)
-    for a, b in PAIRS:
+    for a, b in PAIRS + [(f"{a} (flip)", f"{b} (flip)") for a, b in FLIP_PAIRS]:
         out[f"{a}+{b}"] = {s: (single[a][s] - ref[a].mean()) / ref[a].std() + (single[b][s] - ref[b].mean())
                            / ref[b].std() for s in sets}
     return out
 
 
 def held_out_classes(z_train, y_train, W, b, z_test, y_test, cal, ev, n_folds=5):
-    """Per candidate, the mean AUROC over folds of seen classes (ID) against two left-out ones (OOD)."""
+    """Per candidate, the mean AUROC over folds of seen classes (ID) against two left-out ones (OOD); ``z_test`` is
+    the pair (features, features of the flipped images)."""
     classes = np.unique(y_train)
     per = {}
     for k in range(n_folds):
         out = classes[2 * k: 2 * k + 2]
         seen = np.setdiff1d(classes, out)
         scores = Scores(z_train, y_train, W, b, seen)
-        norm = z_test[cal][np.isin(y_test[cal], seen)]
-        sets = {"id": z_test[ev][np.isin(y_test[ev], seen)], "ood": z_test[ev][np.isin(y_test[ev], out)]}
-        if len(sets["ood"]) == 0 or len(sets["id"]) == 0:
+
+        def part(idx, cls):
+            keep = idx[np.isin(y_test[idx], cls)]
+            return z_test[0][keep], z_test[1][keep]
+
+        norm = part(cal, seen)
+        sets = {"id": part(ev, seen), "ood": part(ev, out)}
+        if len(sets["ood"][0]) == 0 or len(sets["id"][0]) == 0:
             continue
         for name, s in candidate_scores(scores, norm, sets).items():
             per.setdefault(name, []).append(auroc(s["id"], s["ood"]))
@@ -192,13 +209,15 @@ def main(argv=None):
         W, b = fc.weight.detach().double().numpy(), fc.bias.detach().double().numpy()
         z_train, _ = features_and_logits(model, Xtr)
         z_test, logits_test = features_and_logits(model, Xte)
+        z_test_flip = features_and_logits(model, Xte.flip(3))[0]
         np.testing.assert_allclose(z_test @ W.T + b, logits_test, rtol=1e-4, atol=1e-4)  # the hook saw fc's input
         y_train, y_test = ytr.numpy(), yte.numpy()
         cal, ev = calibration_split(len(z_test))
-        z_ood = {s: features_and_logits(model, X)[0] for s, X in ood.items()}
+        z_ood = {s: (features_and_logits(model, X)[0], features_and_logits(model, X.flip(3))[0])
+                 for s, X in ood.items()}
         scores = Scores(z_train, y_train, W, b, np.unique(y_train))
-        got = candidate_scores(scores, z_test[cal], {"id": z_test[ev], **z_ood})
-        choice = held_out_classes(z_train, y_train, W, b, z_test, y_test, cal, ev)
+        got = candidate_scores(scores, (z_test[cal], z_test_flip[cal]), {"id": (z_test[ev], z_test_flip[ev]), **z_ood})
+        choice = held_out_classes(z_train, y_train, W, b, (z_test, z_test_flip), y_test, cal, ev)
         far = [s for s in FAR_OOD if s in z_ood]
         results[name] = {c: {"held_out_classes": choice[c], "cifar100": auroc(v["id"], v["CIFAR-100"]),
                              "far": float(np.mean([auroc(v["id"], v[s]) for s in far]))} for c, v in got.items()}
