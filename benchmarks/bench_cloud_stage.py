@@ -21,6 +21,11 @@ CIFAR-100 (the 916-image subset, near OOD) and the far-OOD sets:
 - two-stage minus cloud only with the same score, on the near stream: the
   gap the two-stage design pays for deciding part of the budget on the edge.
 
+And what the KNN term costs the cloud: the exported cloud part (``CloudHead``) of
+each stage on batches of 32 payloads, one thread, run in turn round after
+round (``--rounds``), as inputs per second and as the ratio energy + KNN /
+energy.
+
 In process, not over HTTP: the server's decisions are the in-process ones
 (``tests/test_two_stage.py``, ``tests/test_energy_knn.py``); ``bench_collab.py``
 measures the wire.
@@ -35,8 +40,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (FAR_OOD, MODELS, TITLES, calibration_split, first_stage, load_model, load_npz,  # noqa: E402
-                    load_sets, machine, normalize_unit, parse_args, to_unit, write_results)
+from common import (FAR_OOD, MODELS, TITLES, calibration_split, first_stage, interleaved, load_model,  # noqa: E402
+                    load_npz, load_sets, machine, normalize_unit, parse_args, to_unit, write_results)
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector  # noqa: E402
 from earlin_sklearn.metrics import auroc  # noqa: E402
@@ -51,8 +56,9 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--max-ood", type=int, default=1000)
     p.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds of the cloud parts")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cloud_stage"))
-    args = parse_args(p, argv, "cloud_stage", models=["resnet20"], max_ood=16, shares=[0.0, 0.5])
+    args = parse_args(p, argv, "cloud_stage", models=["resnet20"], max_ood=16, shares=[0.0, 0.5], rounds=1)
     if 0.0 not in args.shares:
         p.error("--shares must include 0 (cloud only, the comparison)")
     results = {}
@@ -66,6 +72,7 @@ def main(argv=None):
         with torch.inference_mode():
             right_class = (model(Xte[ev]).argmax(1) == yte[ev]).numpy()
         results[name] = {}
+        clouds = {}
         for method in METHODS:
             two = TwoStageDetector(ShallowFeatureOODDetector(model, first_stage(name), batch_size=256, device="cpu"),
                                    cloud_method=method).fit(Xtr, ytr.numpy())
@@ -87,6 +94,18 @@ def main(argv=None):
                        for kind, rejected in (("near", near), ("far", far), ("mixed", (near + far) / 2))
                        for f in FRACTIONS}}
             results[name][method] = row
+            clouds[method] = two.export_split()
+        payload = clouds[METHODS[0]].edge(Xte[:32]).payload  # the same cut for both stages
+        with torch.inference_mode():
+            calls = {m: (lambda c=c: [c.cloud(payload) for _ in range(5)]) for m, c in clouds.items()}
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                best = interleaved(calls, rounds=args.rounds)
+            finally:
+                torch.set_num_threads(threads)
+        for m in METHODS:
+            results[name][m]["cloud_inputs_per_s"] = 5 * len(Xte[:32]) / best[m]
         print(f"{TITLES[name]}: " + "; ".join(
             f"{m} C100 AUROC {100 * r['cifar100_auroc']:.1f}, near 50% "
             + " / ".join(f"{100 * r['shares'][s]['near 0.5']:.1f}" for s in args.shares) for m, r in
@@ -95,6 +114,10 @@ def main(argv=None):
              "Thresholds calibrated on half of the CIFAR-10 test subset (95% in all), reported on the other half "
              "and on CIFAR-100 (916 images) and the far-OOD sets. `edge_share` 0 is cloud only with that score. "
              "Streams: overall accuracy (%) at 10 / 30 / 50% OOD.", "",
+             "Cloud part (batch 32, one thread) inputs/s, energy / energy + KNN: " + "; ".join(
+                 f"{TITLES[n]} {r['energy']['cloud_inputs_per_s']:.0f} / {r['energy+knn']['cloud_inputs_per_s']:.0f} "
+                 f"({r['energy+knn']['cloud_inputs_per_s'] / r['energy']['cloud_inputs_per_s']:.2f}x)"
+                 for n, r in results.items()) + ".", "",
              "| model | cloud stage | C100 AUROC | edge_share | ID accepted | C100 rejected | far rejected | "
              "near stream | mixed stream | near: two-stage minus cloud only |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -24,7 +24,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import parse_args, load_model, load_sets, machine, write_json  # noqa: E402
+from common import best_time, interleaved, parse_args, load_model, load_sets, machine, write_json  # noqa: E402
 
 from earlin_sklearn import (  # noqa: E402
     BackboneFeatures,
@@ -34,25 +34,6 @@ from earlin_sklearn import (  # noqa: E402
     make_ood_scorer,
     split_model,
 )
-
-
-def best_time(fn, repeat=3):
-    """Minimum wall time of ``repeat`` calls (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def interleaved(fns, rounds=5):
-    """Minimum wall time of each function, run in turn ``rounds`` times (all see the same load)."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(best_time(fn, repeat=1))
-    return {name: min(t) for name, t in times.items()}
 
 
 def batched(fn, X, bs):

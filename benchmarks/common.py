@@ -187,6 +187,25 @@ def write_results(out, markdown, payload, show=True):
         print(markdown)
 
 
+def best_time(fn, repeat=3):
+    """Minimum wall time of ``repeat`` calls (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def interleaved(fns, rounds=5):
+    """Minimum wall time of each function, run in turn ``rounds`` times (all see the same load)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(best_time(fn, repeat=1))
+    return {name: min(t) for name, t in times.items()}
+
+
 def fingerprint(t):
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:12]
 
