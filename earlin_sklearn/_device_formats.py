@@ -60,10 +60,8 @@ class FlatEdge(nn.Module):
             out = self.edge(x)
             payload = out.payload if isinstance(out.payload, tuple) else (out.payload,)
             return (out.is_id, out.score, *payload)
-        taps, crossing = self.edge.taps_and_crossing(x)
-        pooled = self.edge.pooled(taps)
-        score = self.edge.head(pooled)
-        return (score >= self.edge.head.offset, score, *crossing, pooled)
+        is_id, score, crossing, pooled = self.edge.outputs(x)
+        return (is_id, score, *crossing, pooled)
 
 
 class _NchwOutputs(nn.Module):

@@ -262,11 +262,17 @@ class EdgeModule(nn.Module):
         """
         return torch.cat(grouped(pooled_parts(a, self.pooling, self.layout) for a in taps), dim=1)
 
-    def forward(self, x):
+    def outputs(self, x):
+        """``(is_id, score, crossing, pooled)``: the decision, the payload tensors and the head's input."""
         taps, crossing = self.taps_and_crossing(x)
-        score = self.head(self.pooled(taps))
+        pooled = self.pooled(taps)
+        score = self.head(pooled)
+        return score >= self.head.offset, score, crossing, pooled
+
+    def forward(self, x):
+        is_id, score, crossing, _ = self.outputs(x)
         payload = crossing[0] if len(crossing) == 1 else tuple(crossing)
-        return EdgeOutput(score >= self.head.offset, score, payload)
+        return EdgeOutput(is_id, score, payload)
 
 
 class CloudModule(nn.Module):

@@ -52,10 +52,19 @@ def energy_knn_score(logits, features, bank, k, standardization):
     directly (``2 - 2 cos`` would lose the digits of near neighbours);
     ``standardization``: ``(energy mean, energy std, knn mean, knn std)``.
     """
-    energy = torch.logsumexp(logits.to(torch.float64), dim=1)
+    return standardized_sum(*energy_knn_terms(logits, features, bank, k), standardization)
+
+
+def energy_knn_terms(logits, features, bank, k):
+    """``(energy, knn)`` in float64, unstandardized: :func:`logit_score`'s energy and minus the distance of the
+    normalized ``features`` to their ``k``-th nearest ``bank`` row."""
     query = F.normalize(features.to(bank.dtype), dim=1)
-    knn = -kth_neighbour_distance(query, bank, k)
-    s = standardization.to(torch.float64)
+    return logit_score(logits, "energy"), -kth_neighbour_distance(query, bank, k)
+
+
+def standardized_sum(energy, knn, standardization):
+    """``(energy - mean) / std + (knn - mean) / std`` with ``standardization = (energy mean, std, knn mean, std)``."""
+    s = torch.as_tensor(standardization).to(torch.float64)
     return (energy - s[0]) / s[1] + (knn - s[2]) / s[3]
 
 
@@ -350,38 +359,33 @@ class EnergyKNNDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstim
         X, _ = validate_fit_images(self, X, self.batch_size)
         self.device_ = resolve_device(self.device)
         self.model_ = frozen_copy(self.model, self.device_)
-        self.classifier_ = None
-        logits, features = self._outputs(X)
+        logits, features, self.classifier_ = self._outputs(X, classifier=None)
         n = features.shape[0]
-        self.n_neighbors_ = min(self.k, max(n - 1, 1))
-        if self.n_neighbors_ < self.k:
-            warnings.warn(f"k={self.k} needs more than {n} training images; k={self.n_neighbors_} is used.",
-                          EarlinWarning, stacklevel=2)
+        self.n_neighbors_ = _n_neighbors(self.k, n, "images")
         bank = F.normalize(features.float(), dim=1)
         self.bank_ = bank.numpy()
-        energy = torch.logsumexp(logits, dim=1)
         # leave-one-out: a training image's nearest neighbour in the bank is itself
         k = self.n_neighbors_ + 1 if n > self.n_neighbors_ else self.n_neighbors_
-        knn = -torch.cat([kth_neighbour_distance(b, bank, k) for b in bank.split(1024)])
+        terms = [energy_knn_terms(z, f, bank, k) for z, f in _chunks(logits, features)]
+        energy, knn = torch.cat([e for e, _ in terms]), torch.cat([d for _, d in terms])
         self.standardization_ = np.array([energy.mean(), _spread(energy), knn.mean(), _spread(knn)])
-        train = (energy - self.standardization_[0]) / self.standardization_[1] + (
-            knn - self.standardization_[2]) / self.standardization_[3]
-        self.offset_ = offset_for_tpr(train.numpy(), self.target_tpr)
+        self.offset_ = offset_for_tpr(standardized_sum(energy, knn, self.standardization_).numpy(), self.target_tpr)
         return self
 
-    def _outputs(self, X):
-        """Logits and penultimate features of ``X`` (float64, CPU), in order."""
+    def _outputs(self, X, classifier):
+        """Logits and penultimate features of ``X`` (float64, CPU), in order, and the classifier layer's name
+        (found on the first batch when ``classifier`` is None)."""
         batches, total = image_batches(X, self.batch_size)
         logits, features = [], []
         with torch_threads(getattr(self, "n_threads", "auto")):
             for x, _ in tqdm(batches, total=total, desc="energy+knn", disable=self.verbose <= 0):
                 x = to_model_input(x, self.device_, input_dtype(self.model_))
-                z, f, self.classifier_ = classifier_outputs(self.model_, x, self.classifier_)
+                z, f, classifier = classifier_outputs(self.model_, x, classifier)
                 logits.append(z.double().cpu())
                 features.append(f.double().cpu())
         if not logits:
             raise ValueError("Found no images: the data is empty.")
-        return torch.cat(logits), torch.cat(features)
+        return torch.cat(logits), torch.cat(features), classifier
 
     def score_samples(self, X):
         """Standardized energy plus standardized KNN score (higher = more in-distribution).
@@ -397,17 +401,29 @@ class EnergyKNNDetector(TorchStateMixin, ThresholdMixin, OutlierMixin, BaseEstim
         check_is_fitted(self)
         if not is_torch_data(X):
             X = validate_images(self, X, reset=False)
-        logits, features = self._outputs(X)
+        logits, features, _ = self._outputs(X, self.classifier_)
         bank, standardization = torch.from_numpy(self.bank_), torch.from_numpy(self.standardization_)
-        # in chunks: each compares its images with the whole bank
         return torch.cat([energy_knn_score(z, f, bank, self.n_neighbors_, standardization)
-                          for z, f in zip(logits.split(1024), features.split(1024))]).numpy()
+                          for z, f in _chunks(logits, features)]).numpy()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
         tags.target_tags.required = False
         return tags
+
+
+def _chunks(logits, features, size=1024):
+    """``(logits, features)`` in chunks of ``size`` rows: each chunk is compared with the whole bank at once."""
+    return zip(logits.split(size), features.split(size))
+
+
+def _n_neighbors(k, n, samples):
+    """``k``, or ``n - 1`` (at least 1) with a warning when ``n`` training ``samples`` are too few for it."""
+    used = min(k, max(n - 1, 1))
+    if used < k:
+        warnings.warn(f"k={k} needs more than {n} training {samples}; k={used} is used.", EarlinWarning, stacklevel=3)
+    return used
 
 
 def _spread(values):
@@ -477,10 +493,7 @@ class KNNDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """
         X = self._prepare(validate_data(self, X, reset=True, dtype=np.float64))
         n = X.shape[0]
-        k = min(self.k, max(n - 1, 1))
-        if k < self.k:
-            warnings.warn(f"k={self.k} needs more than {n} training samples; k={k} is used.", EarlinWarning, stacklevel=2)
-        self.n_neighbors_ = k
+        self.n_neighbors_ = k = _n_neighbors(self.k, n, "samples")
         self.index_ = NearestNeighbors(n_neighbors=k).fit(X)
         if n > k:  # leave-one-out: the nearest "neighbour" of a training sample is itself
             train = -self.index_.kneighbors(X, n_neighbors=k + 1)[0][:, -1]

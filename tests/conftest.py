@@ -155,3 +155,18 @@ def uvicorn_running(app, **config):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_uvicorn(server, thread)
+
+
+def served_records(two, X, directory):
+    """Export ``two`` (a fitted ``TwoStageDetector``) as a ``.pt2`` split under ``directory / "split"``, serve its
+    cloud part and run ``X`` through an ``EdgeRunner`` uploading activations: the records, logged to
+    ``directory / "log.jsonl"``."""
+    from earlin_sklearn import EdgeRunner, save_split
+    from earlin_sklearn._server import create_cloud_app
+
+    edge, cloud = two.export_split()
+    save_split(edge, cloud, directory / "split", torch.from_numpy(X[:4]), formats=("pt2",))
+    with uvicorn_running(create_cloud_app(directory / "split")) as url:
+        with EdgeRunner(directory / "split", url, upload="activations") as runner:
+            return runner.run(torch.from_numpy(X), log=directory / "log.jsonl")
+

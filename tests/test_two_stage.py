@@ -8,7 +8,7 @@ import torch
 
 from earlin_sklearn import ShallowFeatureOODDetector, TwoStageDetector, load_split, save_split
 
-from .conftest import make_images, make_tiny_cnn, uvicorn_running
+from .conftest import make_images, make_tiny_cnn, served_records, uvicorn_running
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +58,9 @@ def test_export_carries_the_cloud_verdict(fitted, tmp_path):
 def test_the_server_answers_with_the_cloud_verdict(fitted, tmp_path):
     pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
-    from earlin_sklearn import EdgeRunner
-    from earlin_sklearn._server import create_cloud_app
-
     two, _ = fitted
     X, _ = make_images(30, seed=9)
-    edge, cloud = two.export_split()
-    save_split(edge, cloud, tmp_path / "split", torch.from_numpy(X[:4]), formats=("pt2",))
-    with uvicorn_running(create_cloud_app(tmp_path / "split")) as url:
-        with EdgeRunner(tmp_path / "split", url, upload="activations") as runner:
-            records = runner.run(torch.from_numpy(X), log=tmp_path / "log.jsonl")
+    records = served_records(two, X, tmp_path)
     cloud_ok = two.cloud_.predict(X) == 1
     uploaded = [r for r in records if r.uploaded]
     assert uploaded and all(r.cloud_is_id == bool(cloud_ok[r.index]) for r in uploaded)
