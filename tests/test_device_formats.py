@@ -338,3 +338,22 @@ def test_run_edge_without_torch_or_sklearn(device_split, served, runtime, precis
         full = device_split["model"](torch.from_numpy(X)).argmax(1).numpy()
     uploaded = [r for r in records if r["is_id"]]
     assert uploaded and np.mean([r["prediction"] == full[r["index"]] for r in uploaded]) >= 0.9
+
+
+def test_onnx_head_buffers_are_set_only_with_their_own_shape():
+    from onnx import numpy_helper
+
+    from earlin_sklearn._device_formats import FlatEdge, onnx_program, set_onnx_buffers
+
+    X, y = make_images(60)
+    edge, _ = ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y).export_split()
+    model = onnx_program(FlatEdge(edge).eval(), (torch.from_numpy(X[:2]),), ["x"], None, None)
+    one = edge.head.one.numpy() + 0.5
+    set_onnx_buffers(model, {"one": one})
+    np.testing.assert_array_equal(
+        {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}["edge.head.one"], one)
+    with pytest.raises(ValueError, match="edge.head.one has shape"):
+        set_onnx_buffers(model, {"one": one[:1]})
+    with pytest.raises(RuntimeError, match="no initializer 'edge.head.nothing'"):
+        set_onnx_buffers(model, {"nothing": 0.0})
+

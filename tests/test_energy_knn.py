@@ -133,3 +133,23 @@ def test_a_torchvision_classifier_inside_a_sequential_is_found_and_exported(tmp_
     expected = two.cloud_.score_samples(X[:8])
     _, score, _ = loaded.cloud(loaded.edge(torch.from_numpy(X[:8])).payload)
     assert np.abs(score.numpy() - expected).max() <= 1e-5 * max(np.ptp(expected), 1.0)
+
+
+def test_a_cloud_head_refuses_a_method_it_cannot_score(two_stage):
+    from earlin_sklearn import CloudHead
+
+    two, _ = two_stage
+    _, cloud = two.edge_.export_split()
+    with pytest.raises(ValueError, match="method must be one of"):
+        CloudHead(cloud, "odin", 0.0)  # needs an input gradient, which the cloud part does not have
+    with pytest.raises(ValueError, match="needs knn="):
+        CloudHead(cloud, "energy+knn", 0.0)
+    with pytest.raises(ValueError, match="needs knn="):
+        CloudHead(cloud, "energy", 0.0, knn=two.cloud_)
+
+
+def test_the_knn_detector_caps_k_with_the_same_warning():
+    from earlin_sklearn.baselines import KNNDetector
+
+    with pytest.warns(UserWarning, match="k=50 needs more than 5 training samples; k=4 is used"):
+        assert KNNDetector().fit(np.random.default_rng(0).normal(size=(5, 3))).n_neighbors_ == 4
