@@ -8,8 +8,9 @@
 - int8: static post-training quantization of the backbone prefix only,
   calibrated on ID images the caller passes (never OOD data): PT2E with the
   XNNPACK quantizer for ``.pte``, ONNX Runtime's QDQ quantization for ONNX.
-  The detector head stays float64 (pooling float32): it is what decides, and
-  it costs little. Quantization moves the pooled features by a systematic
+  The detector head stays as in the float program (pooling and whitening in
+  float32, the Yeo-Johnson power in float64): it is what decides, and it
+  costs little. Quantization moves the pooled features by a systematic
   bias (rounding of every activation range adds up through the layers); its
   mean over the calibration images is folded into the head
   (:meth:`DetectorHead.shifted`, no extra operation). The int8 program's
@@ -65,7 +66,7 @@ class FlatEdge(nn.Module):
 
 
 class _NchwOutputs(nn.Module):
-    """A quantized prefix whose outputs each pass through a flat reshape and back.
+    """A quantized prefix whose outputs each pass through a flat reshape and back, once per distinct tensor.
 
     ExecuTorch 1.5's XNNPACK delegate hands a dequantized tensor that is both
     consumed inside the delegate (the pooling, in NHWC) and returned (the
@@ -73,6 +74,11 @@ class _NchwOutputs(nn.Module):
     NCHW: loading works, the first run fails ("Attempted to resize a static
     tensor", pytorch/executorch#9749's family). A reshape is layout-bound, so
     the delegate converts each output to NCHW before it (one copy per output).
+    A tensor the prefix returns twice (a ResNet's tap that is also its
+    payload) gets one reshape pair that both share: with a pair each, the
+    partitioner can leave the payload's pair out of the delegate, which then
+    returns the dequantized tensor itself, and XNNPACK's layout pass fails
+    once the head after it runs in float32 (``KeyError: 'val'``).
     """
 
     def __init__(self, prefix):
@@ -80,7 +86,11 @@ class _NchwOutputs(nn.Module):
         self.prefix = prefix
 
     def forward(self, x):
-        return [t.reshape(t.shape[0], -1).reshape(t.shape) for t in self.prefix(x)]
+        outputs, reshaped = list(self.prefix(x)), {}
+        for t in outputs:
+            if id(t) not in reshaped:
+                reshaped[id(t)] = t.reshape(t.shape[0], -1).reshape(t.shape)
+        return [reshaped[id(t)] for t in outputs]
 
 
 class _Outputs(nn.Module):
@@ -123,7 +133,7 @@ def int8_edge(edge, calibration, example_input, correct_bias=True):
     """:class:`EdgeModule` whose prefix is quantized to int8 with PT2E (XNNPACK quantizer), calibrated on ``calibration``.
 
     Weights per channel and activations per tensor, symmetric int8, as
-    XNNPACK runs them; the head is a copy of ``edge.head`` (float64), with
+    XNNPACK runs them; the head is a copy of ``edge.head``, with
     ``correct_bias`` shifted by :func:`pooled_bias` on the calibration
     images (the lowered int8 program's own pooled features against the float
     ones: PyTorch's int8 reference rounds differently from XNNPACK).
@@ -145,9 +155,8 @@ def int8_edge(edge, calibration, example_input, correct_bias=True):
                 prepared(x)
         quantized = convert_pt2e(prepared)
     allow_exported_model_train_eval(quantized)
-    # the head whitens in float64 here: ExecuTorch 1.5's XNNPACK layout pass fails on a partition that mixes the
-    # quantized prefix with float32 matrix products (a node without shape metadata); float64 stays outside it
-    q = EdgeModule(_NchwOutputs(quantized), copy.deepcopy(edge.head).double(), edge.pooling, n_extra=edge.n_extra,
+    # the head as in the float program (float32 whitening, XNNPACK-delegated); _NchwOutputs makes that lowerable
+    q = EdgeModule(_NchwOutputs(quantized), copy.deepcopy(edge.head), edge.pooling, n_extra=edge.n_extra,
                    layout=edge.layout)
     q.layer, q.extra_layers = getattr(edge, "layer", None), list(getattr(edge, "extra_layers", []))
     if correct_bias:  # the pooled features of the program XNNPACK runs (not of PyTorch's int8 reference)

@@ -254,6 +254,8 @@ def test_int8_pte_edges_carry_the_calibration_bias_in_their_head():
     calibration, example = torch.from_numpy(X[120:150]), torch.from_numpy(X[:2])
     plain = int8_edge(edge, calibration, example, correct_bias=False)
     corrected = int8_edge(edge, calibration, example)  # the same ranges: min-max observers on the same images
+    # the head is the float program's (float32 whitening, XNNPACK-delegated), not a float64 copy twice its bytes
+    assert corrected.head.projection.dtype == edge.head.projection.dtype == torch.float32
 
     lowered = EdgeProgram("p.pte", {"runtime": "executorch", "batch": 1},
                           executorch_program(FlatEdge(plain, pooled=True), example))
