@@ -24,7 +24,9 @@ DOCS = ["sphinx>=7", "numpydoc>=1.6", "matplotlib>=3.6", "pydata-sphinx-theme>=0
         "myst-parser>=2", *EXPORT, *SERVE, "distributed>=2024.1"]
 # the docs build (tests/test_docs.py, which also runs the examples) is part of the tests; .ci/oldest
 # installs test-core, since ExecuTorch's wheels need a recent torch and numpy 2
-TEST_CORE = ["pytest>=7", "hypothesis>=6", "schemathesis>=4", "mypy>=1.10", *DOCS, *EDGE, "prometheus-client>=0.20"]
+# aiohttp: bench_fleet's clients (a load generator light enough to leave the cores to the server)
+TEST_CORE = ["pytest>=7", "hypothesis>=6", "schemathesis>=4", "mypy>=1.10", *DOCS, *EDGE, "prometheus-client>=0.20",
+             "aiohttp>=3.9"]
 EXTRAS = {
     "test": [*TEST_CORE, *EXECUTORCH],
     "test-core": TEST_CORE,
@@ -35,7 +37,7 @@ EXTRAS = {
     "serve": SERVE,
     "edge": EDGE,
     # benchmarks only: the peer library the baselines are validated against
-    "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6"],
+    "benchmark": ["pytorch-ood>=0.4", "matplotlib>=3.6", "aiohttp>=3.9"],
     "export": EXPORT,
     "executorch": EXECUTORCH,
     "plot": ["matplotlib>=3.6"],

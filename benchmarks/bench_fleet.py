@@ -12,6 +12,13 @@ run and the same thread count, the bare cloud part's throughput at batch 1
 and batch 32: the ratio says how much of the batched compute the server
 delivers. Each setting runs with 1 and 2 worker processes (``--workers``;
 the resident memory is summed over the server's processes).
+
+The clients are aiohttp sessions, one connection each: a load generator
+must leave the cores to the server. httpx's asyncio client spent 0.67-0.69
+of a core on 32 clients' ~600 requests/s (the server then got 0.85 of a
+core); aiohttp, 0.16-0.19 of a core on ~750 (the server 0.94-0.97), in one
+side-by-side run on ResNet-20. Each setting reports the CPU share (cores)
+of the server's processes and of the clients' process.
 """
 
 import argparse
@@ -39,13 +46,7 @@ SETTINGS = {"off": ("--max-wait-ms", "0", "--batch-inputs", "1"), "on": ("--max-
 
 def tree_rss_mib(pid):
     """Resident memory of a process and its descendants (the server's workers), in MiB (Linux ``/proc``)."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        for task in Path(f"/proc/{p}/task").iterdir():
-            todo += [int(c) for c in (task / "children").read_text().split()]
-    return sum(rss_mib(p) for p in pids)
+    return sum(rss_mib(p) for p in tree_pids(pid))
 
 
 def bare_throughput(cloud, payloads, batch, seconds):
@@ -63,17 +64,46 @@ def bare_throughput(cloud, payloads, batch, seconds):
     return best
 
 
+def session(url, headers=None):
+    """One client: an aiohttp session holding one keep-alive connection."""
+    import aiohttp
+
+    return aiohttp.ClientSession(base_url=url, headers=headers, connector=aiohttp.TCPConnector(limit=1),
+                                 timeout=aiohttp.ClientTimeout(total=30))
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds of these processes (Linux ``/proc``)."""
+    import os
+
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def tree_pids(pid):
+    """A process and its descendants (the server's workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").iterdir():
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
 async def http_ceiling(url, clients, seconds):
     """Requests/s of ``GET /livez`` (no body, no compute) from the same clients: what the HTTP stack alone allows."""
-    import httpx
-
     n, stop = 0, time.perf_counter() + seconds
 
     async def client():
         nonlocal n
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        async with session(url) as c:
             while time.perf_counter() < stop:
-                await c.get("/livez")
+                async with c.get("/livez") as r:
+                    await r.read()
                 n += 1
 
     t0 = time.perf_counter()
@@ -81,31 +111,39 @@ async def http_ceiling(url, clients, seconds):
     return n / (time.perf_counter() - t0)
 
 
-async def fleet(url, headers, bodies, expected, clients, seconds):
-    import httpx
+async def fleet(url, headers, bodies, expected, clients, seconds, server_pid=None):
+    """N clients sending single activations for ``seconds``: requests/s, latencies, errors, and the CPU share
+    (cores) of the server's processes and of this process (the clients)."""
+    import resource
 
     lat, codes, wrong = [], {}, 0
     stop = time.perf_counter() + seconds
 
     async def client(k):
         nonlocal wrong
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
+        async with session(url, headers) as c:
             i = k
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                r = await c.post("/v1/activations", content=bodies[i % len(bodies)])
+                async with c.post("/v1/activations", data=bodies[i % len(bodies)]) as r:
+                    answer = await r.json() if r.status == 200 else await r.read()
                 lat.append(time.perf_counter() - t0)
-                codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                if r.status_code == 200 and r.json()["predictions"] != [expected[i % len(bodies)]]:
+                codes[r.status] = codes.get(r.status, 0) + 1
+                if r.status == 200 and answer["predictions"] != [expected[i % len(bodies)]]:
                     wrong += 1
                 i += clients
 
+    pids = tree_pids(server_pid) if server_pid is not None else []
+    server0, own0 = cpu_seconds(pids), resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     await asyncio.gather(*[client(k) for k in range(clients)])
     wall = time.perf_counter() - t0
+    own1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * statistics.median(lat),
             "p99_ms": 1e3 * float(np.percentile(lat, 99)), "non_200": sum(v for k, v in codes.items() if k != 200),
-            "wrong_class": wrong, "requests": len(lat)}
+            "wrong_class": wrong, "requests": len(lat),
+            "server_cores": (cpu_seconds(pids) - server0) / wall if pids else float("nan"),
+            "client_cores": (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime) / wall}
 
 
 def main(argv=None):
@@ -159,7 +197,7 @@ def main(argv=None):
                                                    for n in args.clients}
                     print(name, "GET /livez, requests/s:", entry["http_ceiling_req_s"], flush=True)
                 for n in args.clients:
-                    run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds))
+                    run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds, proc.pid))
                     run.update(batching=setting, workers=workers, clients=n, server_rss_mib=tree_rss_mib(proc.pid),
                                vs_bare_batch32=run["requests_per_s"] / entry["bare_inputs_per_s"][32])
                     entry["runs"].append(run)
@@ -177,15 +215,16 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(results, indent=1))
     m = results["machine"]
     lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
-             "setting; the server and the bare cloud part on one torch thread; clients in one asyncio process)", "",
-             "| model | workers | batching | clients | req/s | vs bare batch 32 | p50 ms | p99 ms | non-200 | wrong | "
-             "RSS MiB (all processes) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "setting; the server and the bare cloud part on one torch thread; clients in one asyncio process, aiohttp)",
+             "", "| model | workers | batching | clients | req/s | vs bare batch 32 | p50 ms | p99 ms | non-200 | wrong | "
+             "server cores | client cores | RSS MiB (all processes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for r in entry["runs"]:
             lines.append(f"| {name} | {r['workers']} | {r['batching']} | {r['clients']} | {r['requests_per_s']:.0f} | "
                          f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
-                         f"{r['wrong_class']} | {r['server_rss_mib']:.0f} |")
+                         f"{r['wrong_class']} | {r['server_cores']:.2f} | {r['client_cores']:.2f} | "
+                         f"{r['server_rss_mib']:.0f} |")
     lines.append("")
     for name, entry in results["models"].items():
         bare = entry["bare_inputs_per_s"]
