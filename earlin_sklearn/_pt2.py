@@ -17,8 +17,9 @@ So nothing reaches torch until:
 - every JSON member parses, without duplicate keys, against torch's own
   serialization schema (``torch._export.serde.schema``) under rules of ours:
   an unknown key, a union member that carries code or objects (graphs,
-  custom objects, operators as arguments), a non-empty ``guards_code`` or a
-  string field without a rule is refused; names and dotted names must be
+  custom objects, operators as arguments), a ``guards_code`` entry other
+  than an equality of two inputs' sizes (what a cut across a skip
+  connection gets) or a string field without a rule is refused; names and dotted names must be
   identifiers; node targets must be ATen operators (not those that read
   files or print); symbolic expressions must parse by :func:`check_sym_expr`,
   a grammar of ours with no calls but a few integer functions;
@@ -171,6 +172,19 @@ def _refuse(what):
     return rule
 
 
+# The one guard torch.export writes for a split: two inputs' sizes are equal (a cut across a skip connection sends
+# several payload tensors of one batch size). torch pastes each guard into Python source it executes, so nothing but
+# this exact form passes: input names are identifiers, dimensions small integers, no call but ``.size()``.
+_SIZE = r"L\['[A-Za-z_][A-Za-z0-9_]{0,63}'\]\.size\(\)\[[0-9]{1,2}\]"
+_GUARD = re.compile(f"{_SIZE} == {_SIZE}")
+
+
+def _guard(value):
+    if not _GUARD.fullmatch(value):
+        raise _Refused("guards_code, Python source that loading would execute (other than an equality of two inputs' "
+                       "sizes)")
+
+
 def _version(value):
     if not re.fullmatch(r"[0-9A-Za-z.+_<=-]{1,64}", value):
         raise _Refused(f"the torch version {value[:80]!r}")
@@ -215,7 +229,7 @@ _STRING_RULES = {
     ("ModuleCallSignature", "in_spec"): _treespec, ("ModuleCallSignature", "out_spec"): _treespec,
     ("ModuleCallSignature", "forward_arg_names"): _name, ("ModuleCallEntry", "fqn"): _dotted,
     ("ExportedProgram", "verifiers"): _one_of(_VERIFIERS), ("ExportedProgram", "torch_version"): _version,
-    ("ExportedProgram", "guards_code"): _refuse("guards_code, Python source that loading would execute"),
+    ("ExportedProgram", "guards_code"): _guard,
     ("PayloadMeta", "path_name"): _payload_path,
 }
 # union members and fields that carry code or objects: refused whatever their content

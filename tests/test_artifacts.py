@@ -275,6 +275,12 @@ def _guards(marker):
     return change
 
 
+def _guard_lookalike(marker):
+    def change(program):  # the form of the one guard a split may carry, with code after it
+        program["guards_code"] = [f"L['x'].size()[0] == L['x'].size()[0] and __import__('os').makedirs({str(marker)!r}) is None"]
+    return change
+
+
 def _sympify(marker):
     def change(program):
         for meta in program["graph_module"]["graph"]["tensor_values"].values():
@@ -307,12 +313,13 @@ def _unknown_field(marker):
     return change
 
 
-@pytest.mark.parametrize("route", ["guards_code", "sympify", "forward_arg_names", "node target", "unknown field"])
+@pytest.mark.parametrize("route", ["guards_code", "guard lookalike", "sympify", "forward_arg_names", "node target",
+                                   "unknown field"])
 def test_code_in_the_program_json_is_refused(split, tmp_path, route):
     """A rewritten model.json (re-hashed, unsigned) that torch would execute: refused by load_split, the edge
     runtime and the server, before torch sees it; no code runs."""
-    craft = {"guards_code": _guards, "sympify": _sympify, "forward_arg_names": _arg_names, "node target": _target,
-             "unknown field": _unknown_field}[route]
+    craft = {"guards_code": _guards, "guard lookalike": _guard_lookalike, "sympify": _sympify,
+             "forward_arg_names": _arg_names, "node target": _target, "unknown field": _unknown_field}[route]
     directory = copy_split(split, tmp_path)
     marker = tmp_path / "ran"
     rewrite_member(directory / "edge.pt2", "models/model.json", _edit_model_json(craft(marker)))
@@ -329,7 +336,7 @@ def test_code_in_the_program_json_is_refused(split, tmp_path, route):
         with pytest.raises(SplitVerificationError, match="model.json"):
             create_cloud_app(directory)
     assert not marker.exists()
-    if route in ("guards_code", "sympify"):  # the crafted file is live: torch itself runs it
+    if route in ("guards_code", "guard lookalike", "sympify"):  # the crafted file is live: torch itself runs it
         torch.export.load(directory / "edge.pt2").module()(split["X"][:2])
         assert marker.exists()
 

@@ -64,6 +64,21 @@ def test_pt2_parity(exported):
     np.testing.assert_array_equal(is_id.numpy(), det.predict(X) == 1)
 
 
+def test_a_cut_across_a_skip_connection_loads_as_users_load_it(exported):
+    """load_split's checks accept the cloud.pt2 of a cut with two crossing tensors (its one guard: both have the
+    same batch size) and run it; before, its guards_code was refused and such a split could not be served."""
+    from earlin_sklearn import load_split
+
+    model, *_, paths, X = exported
+    edge, cloud = load_split(paths["manifest"].parent, as_split=True)
+    with torch.no_grad():
+        out = edge(X)
+        assert isinstance(out.payload, tuple) and len(out.payload) == 2
+        torch.testing.assert_close(cloud(out.payload), model(X), rtol=1e-5, atol=1e-5)
+        with pytest.raises(AssertionError, match="Guard failed"):  # the guard itself, as torch runs it
+            cloud(out.payload[0], out.payload[1][:3])
+
+
 BLOCKED_RUN = """
 import importlib.abc, importlib.machinery, sys
 BLOCKED = ('sklearn', 'earlin_sklearn', 'scipy')
