@@ -11,7 +11,10 @@ cloud part run here), the server's resident memory. Beside them, in the same
 run and the same thread count, the bare cloud part's throughput at batch 1
 and batch 32: the ratio says how much of the batched compute the server
 delivers. Each setting runs with 1 and 2 worker processes (``--workers``;
-the resident memory is summed over the server's processes).
+the resident memory is summed over the server's processes), with the split's
+parts in PyTorch (``.pt2``) and, batching on, in ONNX Runtime
+(``--runtime onnxruntime``: ``cloud.onnx``), each against the bare cloud part
+in its own runtime.
 
 The clients are aiohttp sessions, one connection each: a load generator
 must leave the cores to the server. httpx's asyncio client spent 0.67-0.69
@@ -39,6 +42,7 @@ from bench_server import rss_mib  # noqa: E402
 from common import first_stage, load_model, load_npz, machine, normalize, parse_args  # noqa: E402
 
 from earlin_sklearn import ShallowFeatureOODDetector, load_split, save_split  # noqa: E402
+from earlin_sklearn._cloud_onnx import onnx_parts  # noqa: E402
 from earlin_sklearn.edge._wire import HEADER_BATCH, HEADER_ENCODING, HEADER_VERSION, encode  # noqa: E402
 
 SETTINGS = {"off": ("--max-wait-ms", "0", "--batch-inputs", "1"), "on": ("--max-wait-ms", "2", "--batch-inputs", "64")}
@@ -154,6 +158,8 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=8.0, help="load time per setting")
     p.add_argument("--batching", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="serve-cloud --workers settings")
+    p.add_argument("--runtimes", nargs="+", choices=["torch", "onnxruntime"], default=["torch", "onnxruntime"],
+                   help="serve-cloud --runtime settings (onnxruntime with batching on only)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fleet"))
     args = parse_args(p, argv, "fleet", models=["resnet20"], clients=[3], seconds=0.5, batching=["on"], workers=[1])
     import httpx
@@ -168,7 +174,7 @@ def main(argv=None):
         det = ShallowFeatureOODDetector(model, first_stage(name), device="cpu", n_threads=1).fit(X.numpy(),
                                                                                             train["y"][:1000])
         work = Path(tempfile.mkdtemp())
-        save_split(*det.export_split(), work / "split", X[:4], formats=("pt2",))
+        save_split(*det.export_split(), work / "split", X[:4], formats=("pt2", "onnx"))
         manifest, edge, cloud = load_split(work / "split", as_split=False)  # the flat tuples these loops send
         T = normalize(test["x"][:64], name)
         with torch.inference_mode():
@@ -178,12 +184,14 @@ def main(argv=None):
         (work / "token").write_text("bench-token")
         headers = {"Authorization": "Bearer bench-token", HEADER_VERSION: manifest["version"],
                    HEADER_ENCODING: "float32", HEADER_BATCH: "1"}
-        entry = {"bare_inputs_per_s": {b: bare_throughput(cloud, payloads, b, args.seconds / 2) for b in (1, 32)},
-                 "runs": []}
-        print(name, "bare cloud part, inputs/s:", {b: round(v) for b, v in entry["bare_inputs_per_s"].items()},
-              flush=True)
-        for workers, setting in [(w, b) for w in args.workers for b in args.batching]:
-            options = (*SETTINGS[setting], "--workers", str(workers))
+        parts = {"torch": cloud, "onnxruntime": onnx_parts(work / "split", manifest, threads=1)[1]}
+        entry = {"bare_inputs_per_s": {rt: {b: bare_throughput(parts[rt], payloads, b, args.seconds / 2)
+                                            for b in (1, 32)} for rt in args.runtimes}, "runs": []}
+        print(name, "bare cloud part, inputs/s:", entry["bare_inputs_per_s"], flush=True)
+        settings = [(rt, w, b) for rt in args.runtimes for w in args.workers for b in args.batching
+                    if rt == "torch" or b == "on"]
+        for runtime, workers, setting in settings:
+            options = (*SETTINGS[setting], "--workers", str(workers), "--runtime", runtime)
             port = free_port()
             proc = start_server(work / "split", port, "--token-file", str(work / "token"), *options,
                                 global_options=("--threads", "1"))
@@ -192,20 +200,22 @@ def main(argv=None):
                 with httpx.Client(base_url=url, headers=headers) as c:  # warm-up
                     for i in range(50):
                         c.post("/v1/activations", content=bodies[i % len(bodies)])
-                if setting == "on" and workers == args.workers[0]:
+                if setting == "on" and workers == args.workers[0] and runtime == args.runtimes[0]:
                     entry["http_ceiling_req_s"] = {n: asyncio.run(http_ceiling(url, n, args.seconds / 2))
                                                    for n in args.clients}
                     print(name, "GET /livez, requests/s:", entry["http_ceiling_req_s"], flush=True)
                 for n in args.clients:
                     run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds, proc.pid))
-                    run.update(batching=setting, workers=workers, clients=n, server_rss_mib=tree_rss_mib(proc.pid),
-                               vs_bare_batch32=run["requests_per_s"] / entry["bare_inputs_per_s"][32])
+                    run.update(runtime=runtime, batching=setting, workers=workers, clients=n,
+                               server_rss_mib=tree_rss_mib(proc.pid),
+                               vs_bare_batch32=run["requests_per_s"] / entry["bare_inputs_per_s"][runtime][32])
                     entry["runs"].append(run)
                     print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}, flush=True)
                 metrics = httpx.get(url + "/metrics", headers=headers).text
                 count = float(metrics.split("earlin_batch_inputs_count ")[1].split()[0])
                 total = float(metrics.split("earlin_batch_inputs_sum ")[1].split()[0])
-                entry[f"mean_batch_{setting}_{workers}w"] = total / count
+                entry.setdefault("mean_batch_inputs", []).append(
+                    {"runtime": runtime, "batching": setting, "workers": workers, "mean": total / count})
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -216,22 +226,24 @@ def main(argv=None):
     m = results["machine"]
     lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
              "setting; the server and the bare cloud part on one torch thread; clients in one asyncio process, aiohttp)",
-             "", "| model | workers | batching | clients | req/s | vs bare batch 32 | p50 ms | p99 ms | non-200 | wrong | "
-             "server cores | client cores | RSS MiB (all processes) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| model | runtime | workers | batching | clients | req/s | vs bare batch 32 (same runtime) | p50 ms | "
+             "p99 ms | non-200 | wrong | server cores | client cores | RSS MiB (all processes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for r in entry["runs"]:
-            lines.append(f"| {name} | {r['workers']} | {r['batching']} | {r['clients']} | {r['requests_per_s']:.0f} | "
+            lines.append(f"| {name} | {r['runtime']} | {r['workers']} | {r['batching']} | {r['clients']} | "
+                         f"{r['requests_per_s']:.0f} | "
                          f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
                          f"{r['wrong_class']} | {r['server_cores']:.2f} | {r['client_cores']:.2f} | "
                          f"{r['server_rss_mib']:.0f} |")
     lines.append("")
     for name, entry in results["models"].items():
         bare = entry["bare_inputs_per_s"]
-        lines.append(f"- {name}: bare cloud part {bare[1]:.0f} inputs/s at batch 1, {bare[32]:.0f} at batch 32; "
-                     "mean inputs per cloud run: " + ", ".join(
-                         f"{v:.2f} ({k[len('mean_batch_'):].replace('_', ', ').replace('w', ' workers')})"
-                         for k, v in entry.items() if k.startswith("mean_batch_"))
+        lines.append(f"- {name}: bare cloud part " + "; ".join(
+                         f"{rt} {b[1]:.0f} inputs/s at batch 1, {b[32]:.0f} at batch 32" for rt, b in bare.items())
+                     + "; mean inputs per cloud run: " + ", ".join(
+                         f"{m['mean']:.2f} ({m['runtime']}, {m['batching']}, {m['workers']} workers)"
+                         for m in entry["mean_batch_inputs"])
                      + "; the HTTP stack alone (GET /livez, no "
                      "body, no compute, same clients): "
                      + ", ".join(f"{v:.0f} req/s at {n} clients" for n, v in entry["http_ceiling_req_s"].items()) + ".")

@@ -51,6 +51,11 @@ def main(argv=None):
                        help="worker processes (uvicorn's), each with the split loaded; /metrics sums them")
     serve.add_argument("--graceful-seconds", type=float, default=30.0,
                        help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
+    serve.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                       help="run the split's .pt2 parts in PyTorch, or its cloud.onnx (and edge.onnx for raw inputs) "
+                            "in ONNX Runtime: no Python between operators, batches run beside the event loop")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="no log line per request (/metrics counts them)")
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     for sub_parser in (serve,):
@@ -130,7 +135,8 @@ def main(argv=None):
         serve(args.split_dir, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes, key=args.key,
               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, header_timeout=args.header_timeout,
               batch_inputs=args.batch_inputs, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-              workers=args.workers, graceful_seconds=args.graceful_seconds)
+              workers=args.workers, graceful_seconds=args.graceful_seconds, runtime=args.runtime,
+              access_log=not args.no_access_log)
     elif args.command == "run-edge":
         if (args.mean is None) != (args.std is None):
             parser.error("--mean and --std go together")

@@ -34,13 +34,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 MAX_REPORT_BYTES = 4096
+RUNTIMES = ("torch", "onnxruntime")  # what runs the split's parts (create_cloud_app's runtime)
 LARGE_BODY = 1 << 20  # after requests this large, freed memory is handed back to the system once they stop
 
 
 def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = None,
                      max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 256, key: "bytes | str | None" = None,
                      docs: "bool | None" = None, body_timeout: float = 30.0, batch_inputs: int = 64,
-                     max_wait_ms: float = 2.0, max_queue: int = 1024, drift_alpha: float = 1e-4) -> Any:
+                     max_wait_ms: float = 2.0, max_queue: int = 1024, drift_alpha: float = 1e-4,
+                     runtime: str = "torch") -> Any:
     """The FastAPI application serving the cloud part in ``split_dir``.
 
     Parameters
@@ -76,6 +78,12 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     drift_alpha : float, default=1e-4
         False-alarm probability per report of each drift test on an ID
         stream (``POST /v1/report``, see ``earlin_sklearn/_drift.py``).
+    runtime : {"torch", "onnxruntime"}, default="torch"
+        What runs the parts: the split's ``.pt2`` programs in PyTorch, or its
+        ``cloud.onnx`` (and float ``edge.onnx``, for raw inputs) in ONNX
+        Runtime, which runs a batch without Python between operators and
+        without the interpreter lock (``earlin_sklearn/_cloud_onnx.py``).
+        Predictions are the same but for float32 rounding.
 
     Returns
     -------
@@ -107,7 +115,8 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     ``max_bytes``), 415 (unknown encoding), 422 (the cloud part gave
     non-finite outputs for this payload), 428 (no ``X-Earlin-Version``);
     503 with ``Retry-After`` when ``max_queue`` inputs are waiting.
-    The split is verified when the app is created (:func:`load_split`).
+    The split is verified when the app is created (:func:`load_split`; the
+    ONNX files against the same manifest).
 
     Examples
     --------
@@ -140,8 +149,17 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
 
     from starlette.requests import ClientDisconnect
 
-    edge, cloud = split = load_split(split_dir, key=key, as_split=True)
-    manifest = split.manifest or {}  # (always set by load_split)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
+    if runtime == "onnxruntime":
+        require(f"create_cloud_app(runtime={runtime!r})", "export", "onnxruntime")
+        from ._cloud_onnx import onnx_parts
+
+        manifest = load_split(split_dir, parts=(), key=key, as_split=True).manifest or {}
+        edge, cloud = onnx_parts(split_dir, manifest, threads=torch.get_num_threads())
+    else:
+        edge, cloud = split = load_split(split_dir, key=key, as_split=True)
+        manifest = split.manifest or {}  # (always set by load_split)
     version = manifest["version"]
     payload_shapes = [tuple(p["shape"]) for p in manifest["payload"]]
     input_shape = tuple(manifest["input_shape"])
@@ -371,6 +389,7 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
             return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
 
     app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
+    app.state.parts = (edge, cloud)  # what runs them: the PyTorch programs or the ONNX Runtime sessions
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes={getattr(route, "path") for route in app.routes},
                        log=request_log)
     add_security_scheme(app)
@@ -405,12 +424,15 @@ def app_from_environment():
     ``$EARLIN_SERVE_CONFIG`` (uvicorn's workers import an app factory by name; they get no arguments)."""
     config = json.loads(os.environ[APP_CONFIG_ENV])
     key = config.pop("key_b64")
+    threads = config.pop("threads", None)
+    if threads is not None:  # a spawned worker starts with torch's default (every core), not the parent's setting
+        torch.set_num_threads(int(threads))
     return create_cloud_app(**config, key=None if key is None else base64.b64decode(key))
 
 
 def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_MAX_BYTES, log_level="info", key=None,
           ssl_certfile=None, ssl_keyfile=None, timeout_keep_alive=5, header_timeout=10.0, batch_inputs=64,
-          max_wait_ms=2.0, max_queue=1024, workers=1, graceful_seconds=30.0):
+          max_wait_ms=2.0, max_queue=1024, workers=1, graceful_seconds=30.0, runtime="torch", access_log=True):
     """Run the cloud server until interrupted (``earlin serve-cloud``); TLS when given a certificate and key.
 
     ``workers > 1``: uvicorn's own process model, that many worker processes
@@ -419,26 +441,34 @@ def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_
     (prometheus-client's multiprocess mode, in ``$PROMETHEUS_MULTIPROC_DIR``,
     a fresh temporary folder unless set). On SIGINT or SIGTERM, requests in
     flight are finished (for at most ``graceful_seconds``) before a worker exits.
+    ``runtime``: see :func:`create_cloud_app`; ``access_log=False``: no log
+    line per request (``/metrics`` counts them).
     """
     from ._optional import require
 
     (uvicorn,) = require("serve", "serve", "uvicorn")
 
     options = dict(host=host, port=port, log_level=log_level, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                   timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=graceful_seconds)
+                   timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=graceful_seconds,
+                   access_log=bool(access_log))
     config = dict(split_dir=str(split_dir), token=token, max_bytes=max_bytes, batch_inputs=batch_inputs,
-                  max_wait_ms=max_wait_ms, max_queue=max_queue)
+                  max_wait_ms=max_wait_ms, max_queue=max_queue, runtime=runtime)
     if int(workers) < 1:
         raise ValueError(f"workers must be >= 1; got {workers}.")
     if int(workers) == 1:
         app = create_cloud_app(**config, key=key)
         uvicorn.run(app, **options, http=header_timeout_protocol(header_timeout))
         return
-    load_split(split_dir, parts=(), key=key, as_split=True)  # a bad split or key fails here, once, not per worker
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
+    manifest = load_split(split_dir, parts=(), key=key, as_split=True).manifest  # a bad split or key fails here,
+    if runtime == "onnxruntime" and "cloud.onnx" not in manifest.get("files", {}):  # once, not per worker
+        raise ValueError(f"runtime='onnxruntime' serves the split's cloud.onnx, which {split_dir} does not have: "
+                         "save it with save_split(..., formats=(..., 'onnx')).")
     if isinstance(key, str):
         key = key.encode()
     os.environ[APP_CONFIG_ENV] = json.dumps({**config, "key_b64": None if key is None else
-                                             base64.b64encode(key).decode()})
+                                             base64.b64encode(key).decode(), "threads": torch.get_num_threads()})
     os.environ[HEADER_TIMEOUT_ENV] = str(float(header_timeout))
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="earlin_metrics_")

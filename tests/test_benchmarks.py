@@ -13,7 +13,7 @@ SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "common")
 # scripts whose smoke run needs an optional package the README's test install may lack
 NEEDS = {"bench_edge": ["executorch", "onnxruntime", "onnx"], "bench_collab": ["httpx", "uvicorn", "fastapi"],
          "bench_server": ["httpx", "uvicorn", "fastapi"], "bench_scale": ["distributed"],
-         "bench_fleet": ["httpx", "uvicorn", "fastapi", "prometheus_client", "aiohttp"],
+         "bench_fleet": ["httpx", "uvicorn", "fastapi", "prometheus_client", "aiohttp", "onnxruntime", "onnx"],
          "status_page": ["httpx", "uvicorn", "fastapi", "prometheus_client"]}
 
 

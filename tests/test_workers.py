@@ -80,3 +80,31 @@ def test_two_workers_serve_and_their_metrics_add_up(tmp_path):
             out, _ = server.communicate()
     assert server.returncode == 0, out[-3000:]
     assert out.count("Finished server process") == 2, out[-3000:]  # each worker shut down cleanly
+
+
+def test_each_worker_runs_with_the_servers_thread_setting(tmp_path, monkeypatch):
+    """uvicorn spawns its workers: they would start with torch's default threads (every core, each worker), not
+    ``--threads``; the setting travels in the workers' configuration."""
+    import uvicorn
+
+    from earlin_sklearn._constants import HEADER_TIMEOUT_ENV
+    from earlin_sklearn._metrics import MULTIPROC_ENV
+    from earlin_sklearn._server import APP_CONFIG_ENV, app_from_environment, serve
+
+    X, y = make_images(60)
+    det = ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X, y)
+    save_split(*det.export_split(), tmp_path / "split", torch.from_numpy(X[:4]), formats=("pt2",))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # no process starts; serve writes the configuration
+    for name in (APP_CONFIG_ENV, HEADER_TIMEOUT_ENV, MULTIPROC_ENV):  # what serve sets: restored after the test
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serve(tmp_path / "split", workers=2)
+        assert '"threads": 1' in os.environ[APP_CONFIG_ENV]
+        torch.set_num_threads(2)  # what a spawned worker starts with on this machine
+        app_from_environment()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
