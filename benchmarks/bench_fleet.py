@@ -184,7 +184,8 @@ def main(argv=None):
         (work / "token").write_text("bench-token")
         headers = {"Authorization": "Bearer bench-token", HEADER_VERSION: manifest["version"],
                    HEADER_ENCODING: "float32", HEADER_BATCH: "1"}
-        parts = {"torch": cloud, "onnxruntime": onnx_parts(work / "split", manifest, threads=1)[1]}
+        parts = {"torch": cloud} | ({"onnxruntime": onnx_parts(work / "split", manifest, threads=1)[1]}
+                                    if "onnxruntime" in args.runtimes else {})
         entry = {"bare_inputs_per_s": {rt: {b: bare_throughput(parts[rt], payloads, b, args.seconds / 2)
                                             for b in (1, 32)} for rt in args.runtimes}, "runs": []}
         print(name, "bare cloud part, inputs/s:", entry["bare_inputs_per_s"], flush=True)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from ._constants import COMPRESSIONS, DEMO_LAYERS, ENCODINGS, IMAGE_FORMATS, UPLOADS
+from ._constants import CLOUD_RUNTIMES, COMPRESSIONS, DEMO_LAYERS, ENCODINGS, IMAGE_FORMATS, UPLOADS
 
 
 def _secret_options(sub_parser):
@@ -51,7 +51,7 @@ def main(argv=None):
                        help="worker processes (uvicorn's), each with the split loaded; /metrics sums them")
     serve.add_argument("--graceful-seconds", type=float, default=30.0,
                        help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
-    serve.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+    serve.add_argument("--runtime", choices=CLOUD_RUNTIMES, default="torch",
                        help="run the split's .pt2 parts in PyTorch, or its cloud.onnx (and edge.onnx for raw inputs) "
                             "in ONNX Runtime: no Python between operators, batches run beside the event loop")
     serve.add_argument("--no-access-log", action="store_true",

@@ -18,6 +18,7 @@ the manifest would not seal).
 
 import torch
 
+from ._constants import CLOUD_RUNTIMES
 from ._edge import EdgeOutput
 from .edge._manifest import verified_bytes
 from .edge._programs import load_edge_program
@@ -61,7 +62,8 @@ class OnnxCloud:
 
 
 class OnnxEdge:
-    """The float ``edge.onnx`` as an :class:`EdgeProgram`, called as the PyTorch edge part is: ``edge(x)`` -> EdgeOutput."""
+    """The float ``edge.onnx`` as an :class:`EdgeProgram`, called as the PyTorch edge part is:
+    ``edge(x)`` -> EdgeOutput."""
 
     def __init__(self, program):
         self.program = program
@@ -69,13 +71,22 @@ class OnnxEdge:
     def __call__(self, x):
         is_id, score, payload = self.program(x.detach().numpy())
         tensors = tuple(torch.from_numpy(p) for p in payload)
-        return EdgeOutput(torch.from_numpy(is_id), torch.from_numpy(score), tensors[0] if len(tensors) == 1 else tensors)
+        payload = tensors[0] if len(tensors) == 1 else tensors
+        return EdgeOutput(torch.from_numpy(is_id), torch.from_numpy(score), payload)
+
+
+def check_runtime(runtime, manifest=None, split_dir=None):
+    """Refuse an unknown ``runtime``, and ``"onnxruntime"`` for a split (its verified ``manifest``) without
+    ``cloud.onnx``."""
+    if runtime not in CLOUD_RUNTIMES:
+        raise ValueError(f"runtime must be one of {CLOUD_RUNTIMES}; got {runtime!r}.")
+    if runtime == "onnxruntime" and manifest is not None and "cloud.onnx" not in manifest.get("files", {}):
+        raise ValueError(f"runtime='onnxruntime' serves the split's cloud.onnx, which {split_dir} does not have: save "
+                         "it with save_split(..., formats=(..., 'onnx')) (the default formats include it).")
 
 
 def onnx_parts(split_dir, manifest, threads=1):
     """``(edge, cloud)`` of a verified split in ONNX Runtime: its float ``edge.onnx`` and its ``cloud.onnx``."""
-    if "cloud.onnx" not in manifest.get("files", {}):
-        raise ValueError(f"runtime='onnxruntime' serves the split's cloud.onnx, which {split_dir} does not have: save "
-                         "it with save_split(..., formats=(..., 'onnx')) (the default formats include it).")
+    check_runtime("onnxruntime", manifest, split_dir)
     _, program = load_edge_program(split_dir, "onnxruntime", "float32", manifest=manifest, threads=threads)
     return OnnxEdge(program), OnnxCloud(verified_bytes(split_dir, manifest, "cloud.onnx"), threads)

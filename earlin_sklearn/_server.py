@@ -20,6 +20,7 @@ import torch
 
 from ._allocator import IdleTrimmer
 from ._batching import DynamicBatcher, QueueFull
+from ._cloud_onnx import check_runtime, onnx_parts
 from ._constants import COMPRESSIONS, HEADER_TIMEOUT_ENV, IMAGE_FORMATS
 from ._drift import DriftMonitor, TooManyDevices
 from ._export import load_split
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 MAX_REPORT_BYTES = 4096
-RUNTIMES = ("torch", "onnxruntime")  # what runs the split's parts (create_cloud_app's runtime)
 LARGE_BODY = 1 << 20  # after requests this large, freed memory is handed back to the system once they stop
 
 
@@ -149,12 +149,9 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
 
     from starlette.requests import ClientDisconnect
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
+    check_runtime(runtime)
     if runtime == "onnxruntime":
         require(f"create_cloud_app(runtime={runtime!r})", "export", "onnxruntime")
-        from ._cloud_onnx import onnx_parts
-
         manifest = load_split(split_dir, parts=(), key=key, as_split=True).manifest or {}
         edge, cloud = onnx_parts(split_dir, manifest, threads=torch.get_num_threads())
     else:
@@ -459,12 +456,8 @@ def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_
         app = create_cloud_app(**config, key=key)
         uvicorn.run(app, **options, http=header_timeout_protocol(header_timeout))
         return
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
-    manifest = load_split(split_dir, parts=(), key=key, as_split=True).manifest  # a bad split or key fails here,
-    if runtime == "onnxruntime" and "cloud.onnx" not in manifest.get("files", {}):  # once, not per worker
-        raise ValueError(f"runtime='onnxruntime' serves the split's cloud.onnx, which {split_dir} does not have: "
-                         "save it with save_split(..., formats=(..., 'onnx')).")
+    # a bad split, key or runtime fails here, once, not in every worker
+    check_runtime(runtime, load_split(split_dir, parts=(), key=key, as_split=True).manifest, split_dir)
     if isinstance(key, str):
         key = key.encode()
     os.environ[APP_CONFIG_ENV] = json.dumps({**config, "key_b64": None if key is None else

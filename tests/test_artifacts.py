@@ -277,7 +277,8 @@ def _guards(marker):
 
 def _guard_lookalike(marker):
     def change(program):  # the form of the one guard a split may carry, with code after it
-        program["guards_code"] = [f"L['x'].size()[0] == L['x'].size()[0] and __import__('os').makedirs({str(marker)!r}) is None"]
+        program["guards_code"] = ["L['x'].size()[0] == L['x'].size()[0] and "
+                                  f"__import__('os').makedirs({str(marker)!r}) is None"]
     return change
 
 
