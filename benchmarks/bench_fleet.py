@@ -7,14 +7,19 @@ train subset), ``earlin serve-cloud`` runs in its own process with one torch
 thread; N clients (asyncio, one connection each, in this process) send single
 activations for a fixed time. Per N and batching setting: requests/s, p50/p99
 latency, non-200 answers, wrong classes (every answer checked against the
-cloud part run here), the server's resident memory. Beside them, in the same
-run and the same thread count, the bare cloud part's throughput at batch 1
-and batch 32: the ratio says how much of the batched compute the server
-delivers. Each setting runs with 1 and 2 worker processes (``--workers``;
-the resident memory is summed over the server's processes), with the split's
-parts in PyTorch (``.pt2``) and, batching on, in ONNX Runtime
+cloud part run here), the server's resident memory, the mean inputs per run
+of the cloud part (from the server's ``/metrics``). Beside them, in the same
+run, the bare cloud part's throughput at batch 1 and batch 32 on as many
+threads as the server has workers (each worker runs one): the ratio says how
+much of the batched compute the server delivers on the same compute threads.
+Each setting runs with 1 and 2 worker processes (``--workers``; the resident
+memory is summed over the server's processes, and the connections each
+worker holds are counted mid-run with ``ss`` where it is installed), with the
+split's parts in PyTorch (``.pt2``) and, batching on, in ONNX Runtime
 (``--runtime onnxruntime``: ``cloud.onnx``), each against the bare cloud part
-in its own runtime.
+in its own runtime. A server's event loop runs beside its compute thread, so
+the server can use more cores than it has compute threads: the table gives
+the cores it used.
 
 The clients are aiohttp sessions, one connection each: a load generator
 must leave the cores to the server. httpx's asyncio client spent 0.67-0.69
@@ -27,7 +32,9 @@ of the server's processes and of the clients' process.
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,9 +122,24 @@ async def http_ceiling(url, clients, seconds):
     return n / (time.perf_counter() - t0)
 
 
-async def fleet(url, headers, bodies, expected, clients, seconds, server_pid=None):
-    """N clients sending single activations for ``seconds``: requests/s, latencies, errors, and the CPU share
-    (cores) of the server's processes and of this process (the clients)."""
+def connections_per_process(port):
+    """Established connections to ``port`` per process holding them, largest first (None without ``ss``)."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, timeout=30).stdout
+    counts = {}
+    for line in out.splitlines():
+        if "pid=" in line:
+            pid = line.split("pid=")[1].split(",")[0]
+            counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
+async def fleet(url, headers, bodies, expected, clients, seconds, server_pid=None, port=None):
+    """N clients sending single activations for ``seconds``: requests/s, latencies, errors, the CPU share
+    (cores) of the server's processes and of this process (the clients), and (with ``port``) the connections
+    each server process holds halfway through."""
     import resource
 
     lat, codes, wrong = [], {}, 0
@@ -140,14 +162,28 @@ async def fleet(url, headers, bodies, expected, clients, seconds, server_pid=Non
     pids = tree_pids(server_pid) if server_pid is not None else []
     server0, own0 = cpu_seconds(pids), resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    await asyncio.gather(*[client(k) for k in range(clients)])
+    tasks = asyncio.gather(*[client(k) for k in range(clients)])
+    spread = None
+    if port is not None:
+        await asyncio.sleep(seconds / 2)
+        spread = await asyncio.to_thread(connections_per_process, port)
+    await tasks
     wall = time.perf_counter() - t0
     own1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * statistics.median(lat),
             "p99_ms": 1e3 * float(np.percentile(lat, 99)), "non_200": sum(v for k, v in codes.items() if k != 200),
             "wrong_class": wrong, "requests": len(lat),
             "server_cores": (cpu_seconds(pids) - server0) / wall if pids else float("nan"),
-            "client_cores": (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime) / wall}
+            "client_cores": (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime) / wall,
+            "connections_per_worker": spread}
+
+
+def batch_counts(url, headers):
+    """``(runs, inputs)`` of the cloud part so far, from the server's ``/metrics`` (summed over its workers)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return tuple(float(text.split(f"earlin_batch_inputs_{k} ")[1].split()[0]) for k in ("count", "sum"))
 
 
 def main(argv=None):
@@ -184,10 +220,16 @@ def main(argv=None):
         (work / "token").write_text("bench-token")
         headers = {"Authorization": "Bearer bench-token", HEADER_VERSION: manifest["version"],
                    HEADER_ENCODING: "float32", HEADER_BATCH: "1"}
-        parts = {"torch": cloud} | ({"onnxruntime": onnx_parts(work / "split", manifest, threads=1)[1]}
-                                    if "onnxruntime" in args.runtimes else {})
-        entry = {"bare_inputs_per_s": {rt: {b: bare_throughput(parts[rt], payloads, b, args.seconds / 2)
-                                            for b in (1, 32)} for rt in args.runtimes}, "runs": []}
+        bare = {}  # runtime -> threads -> batch -> inputs/s: one thread per worker, as the server runs
+        for threads in sorted(set(args.workers)):
+            torch.set_num_threads(threads)
+            parts = {"torch": cloud} | ({"onnxruntime": onnx_parts(work / "split", manifest, threads=threads)[1]}
+                                        if "onnxruntime" in args.runtimes else {})
+            for rt in args.runtimes:
+                bare.setdefault(rt, {})[threads] = {b: bare_throughput(parts[rt], payloads, b, args.seconds / 2)
+                                                    for b in (1, 32)}
+        torch.set_num_threads(1)
+        entry = {"bare_inputs_per_s": bare, "runs": []}
         print(name, "bare cloud part, inputs/s:", entry["bare_inputs_per_s"], flush=True)
         settings = [(rt, w, b) for rt in args.runtimes for w in args.workers for b in args.batching
                     if rt == "torch" or b == "on"]
@@ -206,17 +248,15 @@ def main(argv=None):
                                                    for n in args.clients}
                     print(name, "GET /livez, requests/s:", entry["http_ceiling_req_s"], flush=True)
                 for n in args.clients:
-                    run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds, proc.pid))
+                    before = batch_counts(url, headers)
+                    run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds, proc.pid, port))
+                    after = batch_counts(url, headers)
                     run.update(runtime=runtime, batching=setting, workers=workers, clients=n,
                                server_rss_mib=tree_rss_mib(proc.pid),
-                               vs_bare_batch32=run["requests_per_s"] / entry["bare_inputs_per_s"][runtime][32])
+                               vs_bare_batch32=run["requests_per_s"] / bare[runtime][workers][32],
+                               mean_batch_inputs=(after[1] - before[1]) / max(after[0] - before[0], 1))
                     entry["runs"].append(run)
                     print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}, flush=True)
-                metrics = httpx.get(url + "/metrics", headers=headers).text
-                count = float(metrics.split("earlin_batch_inputs_count ")[1].split()[0])
-                total = float(metrics.split("earlin_batch_inputs_sum ")[1].split()[0])
-                entry.setdefault("mean_batch_inputs", []).append(
-                    {"runtime": runtime, "batching": setting, "workers": workers, "mean": total / count})
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -226,25 +266,25 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(results, indent=1))
     m = results["machine"]
     lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
-             "setting; the server and the bare cloud part on one torch thread; clients in one asyncio process, aiohttp)",
-             "", "| model | runtime | workers | batching | clients | req/s | vs bare batch 32 (same runtime) | p50 ms | "
-             "p99 ms | non-200 | wrong | server cores | client cores | RSS MiB (all processes) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "setting; one compute thread per worker, the bare cloud part on as many; clients in one asyncio process, "
+             "aiohttp)",
+             "", "| model | runtime | workers | batching | clients | req/s | vs bare batch 32 (same runtime, a thread per worker) | p50 ms | "
+             "p99 ms | non-200 | wrong | inputs per cloud run | connections per worker | server cores | client cores | "
+             "RSS MiB (all processes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for r in entry["runs"]:
             lines.append(f"| {name} | {r['runtime']} | {r['workers']} | {r['batching']} | {r['clients']} | "
                          f"{r['requests_per_s']:.0f} | "
                          f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
-                         f"{r['wrong_class']} | {r['server_cores']:.2f} | {r['client_cores']:.2f} | "
+                         f"{r['wrong_class']} | {r['mean_batch_inputs']:.1f} | "
+                         f"{'/'.join(map(str, r['connections_per_worker'] or [])) or '-'} | {r['server_cores']:.2f} | {r['client_cores']:.2f} | "
                          f"{r['server_rss_mib']:.0f} |")
     lines.append("")
     for name, entry in results["models"].items():
         bare = entry["bare_inputs_per_s"]
         lines.append(f"- {name}: bare cloud part " + "; ".join(
-                         f"{rt} {b[1]:.0f} inputs/s at batch 1, {b[32]:.0f} at batch 32" for rt, b in bare.items())
-                     + "; mean inputs per cloud run: " + ", ".join(
-                         f"{m['mean']:.2f} ({m['runtime']}, {m['batching']}, {m['workers']} workers)"
-                         for m in entry["mean_batch_inputs"])
+                         f"{rt} on {t} thread{'s' * (t > 1)} {b[1]:.0f} inputs/s at batch 1, {b[32]:.0f} at batch 32"
+                         for rt, per in bare.items() for t, b in per.items())
                      + "; the HTTP stack alone (GET /livez, no "
                      "body, no compute, same clients): "
                      + ", ".join(f"{v:.0f} req/s at {n} clients" for n, v in entry["http_ceiling_req_s"].items()) + ".")

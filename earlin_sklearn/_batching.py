@@ -6,9 +6,11 @@ asyncio task takes the first waiting request, then every request that
 arrives within ``max_wait_ms`` (up to ``max_batch`` inputs), concatenates
 them, runs ``compute`` once in a worker thread and hands each request its
 own rows. A request announced by the server (:meth:`DynamicBatcher.expecting`)
-that is still being read counts as on its way; when none is, the batch runs
-at once, so a lone client pays no wait (without announcements, a batch
-always waits the full window). Order is kept; a request whose rows come out non-finite gets its
+that is still being read (announced, not yet submitted) counts as on its
+way; when none is, the batch runs at once, so a lone client pays no wait,
+and the next batch starts as soon as the last one is done while the event
+loop still writes that one's answers (without announcements, a batch always
+waits the full window). Order is kept; a request whose rows come out non-finite gets its
 own error and never fails its batch-mates; if the batched run itself raises,
 each request is run alone so that only the one at fault fails. The queue is
 bounded (``max_queue`` inputs): past it, :class:`QueueFull` (the server
@@ -17,6 +19,7 @@ answers 503 with ``Retry-After``, which the edge runner retries).
 
 import asyncio
 import contextlib
+import contextvars
 import time
 
 import torch
@@ -51,18 +54,30 @@ class DynamicBatcher:
         self.compute, self.max_batch, self.max_wait = compute, int(max_batch), float(max_wait_ms) / 1e3
         self.max_queue, self.on_batch = int(max_queue), on_batch
         self.waiting = 0  # inputs queued, not yet taken into a batch
-        self.in_flight = 0  # requests announced (see expecting) and not yet answered
+        self.arriving = 0  # requests announced (see expecting) and not yet submitted
+        self.announced = False  # whether requests are announced at all (else every batch waits the full window)
+        self._announcement = contextvars.ContextVar(f"announcement_{id(self)}", default=None)
         self._queue = self._loop = self._task = None
 
     @contextlib.contextmanager
     def expecting(self):
-        """Announce a request from its first byte to its answer: a batch waits for batch-mates only while some
-        announced request is not in it yet, so a lone client never waits ``max_wait_ms``."""
-        self.in_flight += 1
+        """Announce a request from its first byte to its submission (or its end, if it never submits): a batch
+        waits for batch-mates only while some announced request has not been submitted, so a lone client never
+        waits ``max_wait_ms``, nor does a batch wait for requests that are only being answered."""
+        self.announced = True
+        cell = [True]  # this request's announcement, still counted in ``arriving``
+        self.arriving += 1
+        reset = self._announcement.set(cell)
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self._announcement.reset(reset)
+            self._arrived(cell)
+
+    def _arrived(self, cell):
+        if cell is not None and cell[0]:
+            cell[0] = False
+            self.arriving -= 1
 
     @property
     def depth(self):
@@ -81,6 +96,7 @@ class DynamicBatcher:
             self._queue, self._loop, self.waiting = asyncio.Queue(), loop, 0
             self._task = loop.create_task(self._run())
         future = loop.create_future()
+        self._arrived(self._announcement.get())  # this request is no longer on its way
         self.waiting += n
         await self._queue.put((tensors, n, future))
         return await future
@@ -96,7 +112,7 @@ class DynamicBatcher:
             while size < self.max_batch:
                 if self._queue.empty():
                     remaining = deadline - loop.time()
-                    if remaining <= 0 or 0 < self.in_flight <= len(batch):  # announced, and nobody else on the way
+                    if remaining <= 0 or (self.announced and self.arriving == 0):  # nobody else on the way
                         break
                     await asyncio.sleep(min(remaining, 0.0005))  # polled: no get() is ever cancelled mid-way
                     continue

@@ -143,6 +143,7 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
                          "inputs could never be queued.")
     require("create_cloud_app", "serve", "fastapi", "prometheus_client")
     from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi.responses import JSONResponse
     from fastapi.concurrency import run_in_threadpool
 
     import asyncio
@@ -240,7 +241,11 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
                 body.extend(chunk)
 
         try:
-            await asyncio.wait_for(receive(), timeout=body_timeout)
+            if hasattr(asyncio, "timeout"):  # Python 3.11: a deadline on this task (wait_for starts another)
+                async with asyncio.timeout(body_timeout):
+                    await receive()
+            else:
+                await asyncio.wait_for(receive(), timeout=body_timeout)
         except asyncio.TimeoutError:
             raise HTTPException(408, f"the body took longer than {body_timeout} s to arrive") from None
         except ClientDisconnect:
@@ -375,15 +380,21 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
         return Response(page, media_type="text/html; charset=utf-8", headers={
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'", "Cache-Control": "no-store"})
 
-    @app.post("/v1/activations", **post_route(images=False, max_batch=max_batch, version=version))
+    # the hot routes answer a Response themselves (LeanRoute): documented like the others, no per-request
+    # dependency solving or serialization by FastAPI
+    lean = dict(methods=["POST"], route_class_override=lean_route())
+
     async def activations(request: Request):
         with batchers["activations"].expecting():
-            return await handle(request, payload_shapes, lambda t: predict(t, "activations"))
+            return JSONResponse(await handle(request, payload_shapes, lambda t: predict(t, "activations")))
 
-    @app.post("/v1/raw", **post_route(images=True, max_batch=max_batch, version=version))
     async def raw(request: Request):
         with batchers["raw"].expecting():
-            return await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True)
+            return JSONResponse(await handle(request, [input_shape], lambda t: predict(t, "raw"), images=True))
+
+    app.router.add_api_route("/v1/activations", activations, **lean, **post_route(images=False, max_batch=max_batch,
+                                                                           version=version))
+    app.router.add_api_route("/v1/raw", raw, **lean, **post_route(images=True, max_batch=max_batch, version=version))
 
     app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
     app.state.parts = (edge, cloud)  # what runs them: the PyTorch programs or the ONNX Runtime sessions
@@ -391,6 +402,19 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
                        log=request_log)
     add_security_scheme(app)
     return app
+
+
+def lean_route():
+    """FastAPI's route class for an endpoint ``async (request) -> Response``: FastAPI documents it (OpenAPI) and
+    routes to it, its error handlers answer its ``HTTPException`` s, but it solves no dependencies and serializes
+    nothing per request (FastAPI's custom-route extension point, ``APIRoute.get_route_handler``)."""
+    from fastapi.routing import APIRoute
+
+    class LeanRoute(APIRoute):
+        def get_route_handler(self):
+            return self.endpoint
+
+    return LeanRoute
 
 
 def warm_up(edge, cloud, input_shape):
@@ -405,11 +429,13 @@ def warm_up(edge, cloud, input_shape):
                          "Export a backbone whose forward() returns logits.")
 
 
-def header_timeout_protocol(seconds):
-    """uvicorn's h11 protocol with a deadline for request headers of ``seconds`` (:class:`_http.HeaderTimeoutH11`)."""
-    from ._http import HeaderTimeoutH11
+def header_timeout_protocol(seconds, name=None):
+    """uvicorn's HTTP protocol (httptools' where installed, else h11's; ``name``: a class of :mod:`._http`) with a
+    deadline for request headers of ``seconds`` (:class:`_http.HeaderTimeout`)."""
+    from ._http import protocol
 
-    return type("HeaderTimeoutH11", (HeaderTimeoutH11,), {"seconds": float(seconds)})
+    base = protocol(name)
+    return type(base.__name__, (base,), {"seconds": float(seconds)})
 
 
 APP_CONFIG_ENV = "EARLIN_SERVE_CONFIG"
@@ -465,5 +491,7 @@ def serve(split_dir, host="127.0.0.1", port=8000, token=None, max_bytes=DEFAULT_
     os.environ[HEADER_TIMEOUT_ENV] = str(float(header_timeout))
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="earlin_metrics_")
+    from ._http import DEFAULT
+
     uvicorn.run("earlin_sklearn._server:app_from_environment", factory=True, workers=int(workers), **options,
-                http="earlin_sklearn._http:HeaderTimeoutH11")
+                http=f"earlin_sklearn._http:{DEFAULT}")

@@ -174,6 +174,58 @@ def test_the_batcher_follows_its_event_loop():
         assert torch.equal(out[0], torch.full((2, 1), 3.0))
 
 
+def test_a_batch_waits_only_for_requests_still_on_their_way():
+    """Announced requests (the server's ``expecting``): a batch waits for those not yet submitted, and not for
+    requests that are only being answered (the window here is 5 s: a wrong wait fails the timing by seconds)."""
+    sizes = []
+
+    def compute(tensors):
+        sizes.append(tensors[0].shape[0])
+        return tensors[0]
+
+    async def request(batcher, delay=0.0, linger=0.0):
+        with batcher.expecting():
+            await asyncio.sleep(delay)  # reading the body
+            out = await batcher.submit([torch.ones(1, 1)])
+            await asyncio.sleep(linger)  # writing the answer: still announced, no longer on its way
+            return out
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher = DynamicBatcher(compute, max_batch=8, max_wait_ms=5000)
+        t0 = loop.time()
+        await request(batcher)  # a lone client: no wait
+        assert loop.time() - t0 < 2
+        # two announced at once, one submitting later: they share a batch, without the full window
+        t0 = loop.time()
+        await asyncio.gather(request(batcher), request(batcher, delay=0.2))
+        assert sizes[-1] == 2 and loop.time() - t0 < 2
+        # a request being answered does not hold the next batch back
+        t0 = loop.time()
+        first = asyncio.ensure_future(request(batcher, linger=1.0))
+        await asyncio.sleep(0.1)
+        await request(batcher)
+        assert loop.time() - t0 < 0.9 and sizes[-2:] == [1, 1]
+        await first
+        assert batcher.arriving == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_batcher_without_announcements_waits_its_window():
+    async def scenario():
+        batcher = DynamicBatcher(lambda t: t[0], max_batch=8, max_wait_ms=200)
+        loop = asyncio.get_running_loop()
+        late = asyncio.ensure_future(asyncio.sleep(0.05))
+        t0 = loop.time()
+        first = asyncio.ensure_future(batcher.submit([torch.ones(1, 1)]))
+        await late
+        second = await batcher.submit([torch.ones(1, 1)])
+        assert (await first)[2] == 2 and second[2] == 2 and loop.time() - t0 >= 0.15
+
+    asyncio.run(scenario())
+
+
 def test_drift_alarms_catch_a_drop_and_stay_quiet_at_the_target():
     """A device at the target TPR for 2,000 reports of 100 inputs: false alarms counted (the bound is 3 tests x
     alpha x 2,000 = 0.6 expected); a device whose acceptance drops from 95% to 60%: alarmed at its first report."""

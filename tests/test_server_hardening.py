@@ -1,5 +1,6 @@
 """The server at start and against slow or odd clients: warm-up, docs behind the token, slow bodies."""
 
+import importlib.util
 import socket
 import time
 
@@ -64,10 +65,16 @@ def test_a_backbone_whose_output_cannot_be_served_is_refused_at_export(tmp_path)
         save_split(*det.export_split(), tmp_path, torch.from_numpy(X[:4]), formats=("pt2",))
 
 
-def test_slow_headers_are_cut_off(split_dir):
+PROTOCOLS = ["HeaderTimeoutH11", pytest.param("HeaderTimeoutHttpTools", marks=pytest.mark.skipif(
+    importlib.util.find_spec("httptools") is None, reason="httptools is not installed"))]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_slow_headers_are_cut_off(split_dir, protocol):
     from earlin_sklearn._server import header_timeout_protocol
 
-    server, thread, port = start_uvicorn(create_cloud_app(split_dir), http=header_timeout_protocol(0.5))
+    server, thread, port = start_uvicorn(create_cloud_app(split_dir), http=header_timeout_protocol(0.5, protocol))
+    assert server.config.http.__mro__[1].__name__ == protocol
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"POST /v1/activations HTTP/1.1\r\nHost: x\r\n")  # and the headers never end
