@@ -10,8 +10,10 @@ latency, non-200 answers, wrong classes (every answer checked against the
 cloud part run here), the server's resident memory, the mean inputs per run
 of the cloud part (from the server's ``/metrics``). Beside them, in the same
 run, the bare cloud part's throughput at batch 1 and batch 32 on as many
-threads as the server has workers (each worker runs one): the ratio says how
-much of the batched compute the server delivers on the same compute threads.
+threads as the server has workers (each worker runs one), once at the start
+and, at batch 32, again just before each setting (this shared machine's
+speed drifts within a run): the ratio to that figure says how much of the
+batched compute the server delivers on the same compute threads.
 Each setting runs with 1 and 2 worker processes (``--workers``; the resident
 memory is summed over the server's processes, and the connections each
 worker holds are counted mid-run with ``ss`` where it is installed), with the
@@ -220,14 +222,15 @@ def main(argv=None):
         (work / "token").write_text("bench-token")
         headers = {"Authorization": "Bearer bench-token", HEADER_VERSION: manifest["version"],
                    HEADER_ENCODING: "float32", HEADER_BATCH: "1"}
-        bare = {}  # runtime -> threads -> batch -> inputs/s: one thread per worker, as the server runs
+        bare, parts = {}, {}  # runtime -> threads -> batch -> inputs/s: one thread per worker, as the server runs
         for threads in sorted(set(args.workers)):
             torch.set_num_threads(threads)
-            parts = {"torch": cloud} | ({"onnxruntime": onnx_parts(work / "split", manifest, threads=threads)[1]}
-                                        if "onnxruntime" in args.runtimes else {})
+            parts[threads] = {"torch": cloud} | (
+                {"onnxruntime": onnx_parts(work / "split", manifest, threads=threads)[1]}
+                if "onnxruntime" in args.runtimes else {})
             for rt in args.runtimes:
-                bare.setdefault(rt, {})[threads] = {b: bare_throughput(parts[rt], payloads, b, args.seconds / 2)
-                                                    for b in (1, 32)}
+                bare.setdefault(rt, {})[threads] = {b: bare_throughput(parts[threads][rt], payloads, b,
+                                                                       args.seconds / 2) for b in (1, 32)}
         torch.set_num_threads(1)
         entry = {"bare_inputs_per_s": bare, "runs": []}
         print(name, "bare cloud part, inputs/s:", entry["bare_inputs_per_s"], flush=True)
@@ -248,12 +251,16 @@ def main(argv=None):
                                                    for n in args.clients}
                     print(name, "GET /livez, requests/s:", entry["http_ceiling_req_s"], flush=True)
                 for n in args.clients:
+                    # the bare part again, just before: this shared machine's speed drifts over a run
+                    torch.set_num_threads(workers)
+                    now = bare_throughput(parts[workers][runtime], payloads, 32, min(2.0, args.seconds / 4))
+                    torch.set_num_threads(1)
                     before = batch_counts(url, headers)
                     run = asyncio.run(fleet(url, headers, bodies, expected, n, args.seconds, proc.pid, port))
                     after = batch_counts(url, headers)
                     run.update(runtime=runtime, batching=setting, workers=workers, clients=n,
                                server_rss_mib=tree_rss_mib(proc.pid),
-                               vs_bare_batch32=run["requests_per_s"] / bare[runtime][workers][32],
+                               bare_batch32_before=now, vs_bare_batch32=run["requests_per_s"] / now,
                                mean_batch_inputs=(after[1] - before[1]) / max(after[0] - before[0], 1))
                     entry["runs"].append(run)
                     print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}, flush=True)
@@ -268,13 +275,13 @@ def main(argv=None):
     lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
              "setting; one compute thread per worker, the bare cloud part on as many; clients in one asyncio process, "
              "aiohttp)",
-             "", "| model | runtime | workers | batching | clients | req/s | vs bare batch 32 (same runtime, a thread per worker) | p50 ms | "
+             "", "| model | runtime | workers | batching | clients | req/s | bare batch 32 just before, inputs/s | ratio | p50 ms | "
              "p99 ms | non-200 | wrong | inputs per cloud run | connections per worker | server cores | client cores | "
-             "RSS MiB (all processes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS MiB (all processes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for r in entry["runs"]:
             lines.append(f"| {name} | {r['runtime']} | {r['workers']} | {r['batching']} | {r['clients']} | "
-                         f"{r['requests_per_s']:.0f} | "
+                         f"{r['requests_per_s']:.0f} | {r['bare_batch32_before']:.0f} | "
                          f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
                          f"{r['wrong_class']} | {r['mean_batch_inputs']:.1f} | "
                          f"{'/'.join(map(str, r['connections_per_worker'] or [])) or '-'} | {r['server_cores']:.2f} | {r['client_cores']:.2f} | "

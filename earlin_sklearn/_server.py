@@ -279,10 +279,12 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
         logits, verdict = (out[0], out[1:]) if isinstance(out, (tuple, list)) else (out, None)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise HTTPException(500, "the cloud part does not return (N, classes) logits")
-        bad = (~torch.isfinite(logits).all(dim=1)).nonzero().flatten().tolist()
-        if bad:  # an overflowing payload: never answer a class computed from inf/NaN
+        rows = logits.detach().numpy()  # a few rows: numpy's calls cost the event loop less than torch's
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():  # an overflowing payload: never answer a class computed from inf/NaN
+            bad = np.flatnonzero(~finite).tolist()
             raise HTTPException(422, f"the cloud part gave non-finite outputs for inputs {bad[:10]} of this request")
-        answer = {"predictions": logits.argmax(dim=1).tolist(), "cloud_ms": 1e3 * seconds, "batch_inputs": size}
+        answer = {"predictions": rows.argmax(axis=1).tolist(), "cloud_ms": 1e3 * seconds, "batch_inputs": size}
         if verdict is not None:  # the cloud stage's detector (TwoStageDetector): its verdict and score per input
             answer["cloud_is_id"] = verdict[1].tolist()
             answer["cloud_score"] = verdict[0].tolist()
@@ -406,13 +408,16 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
 
 def lean_route():
     """FastAPI's route class for an endpoint ``async (request) -> Response``: FastAPI documents it (OpenAPI) and
-    routes to it, its error handlers answer its ``HTTPException`` s, but it solves no dependencies and serializes
-    nothing per request (FastAPI's custom-route extension point, ``APIRoute.get_route_handler``)."""
+    routes to it, its error handlers answer its ``HTTPException`` s, but per request it solves no dependencies,
+    serializes nothing and opens no exit stacks: the endpoint runs in Starlette's own ``request_response`` (the
+    server's hot routes; their bodies are bounded by ``read_body``)."""
     from fastapi.routing import APIRoute
+    from starlette.routing import request_response
 
     class LeanRoute(APIRoute):
-        def get_route_handler(self):
-            return self.endpoint
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.app = request_response(self.endpoint)
 
     return LeanRoute
 

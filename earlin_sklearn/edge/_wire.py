@@ -16,6 +16,7 @@ silently wrong).
 """
 
 import io
+import math
 import re
 
 import numpy as np
@@ -100,7 +101,7 @@ def transfer_seconds(n_bytes, uplink_mbit_s):
 
 def encoded_size(shapes, batch, encoding):
     """Bytes of a body holding ``batch`` inputs of tensors with per-input ``shapes``."""
-    per = [int(np.prod(s)) for s in shapes]
+    per = [math.prod(s) for s in shapes]
     if encoding == "float32":
         return 4 * batch * sum(per)
     if encoding == "float16":
@@ -137,7 +138,7 @@ def decode(body, shapes, batch, encoding):
         )
     out, pos = [], 0
     for shape in shapes:
-        n = batch * int(np.prod(shape))
+        n = batch * math.prod(shape)
         if encoding == "int8":
             scale = np.frombuffer(body, "<f4", batch, pos).astype(np.float32)
             low = np.frombuffer(body, "<f4", batch, pos + 4 * batch).astype(np.float32)
