@@ -24,6 +24,9 @@ import time
 
 import torch
 
+# the announcement of the request this task serves: (batcher, [still counted in its arriving])
+_ANNOUNCEMENT = contextvars.ContextVar("earlin_batcher_announcement", default=None)
+
 
 class QueueFull(Exception):
     """The batcher holds ``max_queue`` inputs already."""
@@ -56,7 +59,6 @@ class DynamicBatcher:
         self.waiting = 0  # inputs queued, not yet taken into a batch
         self.arriving = 0  # requests announced (see expecting) and not yet submitted
         self.announced = False  # whether requests are announced at all (else every batch waits the full window)
-        self._announcement = contextvars.ContextVar(f"announcement_{id(self)}", default=None)
         self._queue = self._loop = self._task = None
 
     @contextlib.contextmanager
@@ -67,15 +69,15 @@ class DynamicBatcher:
         self.announced = True
         cell = [True]  # this request's announcement, still counted in ``arriving``
         self.arriving += 1
-        reset = self._announcement.set(cell)
+        reset = _ANNOUNCEMENT.set((self, cell))
         try:
             yield
         finally:
-            self._announcement.reset(reset)
+            _ANNOUNCEMENT.reset(reset)
             self._arrived(cell)
 
     def _arrived(self, cell):
-        if cell is not None and cell[0]:
+        if cell[0]:
             cell[0] = False
             self.arriving -= 1
 
@@ -96,7 +98,9 @@ class DynamicBatcher:
             self._queue, self._loop, self.waiting = asyncio.Queue(), loop, 0
             self._task = loop.create_task(self._run())
         future = loop.create_future()
-        self._arrived(self._announcement.get())  # this request is no longer on its way
+        announcement = _ANNOUNCEMENT.get()
+        if announcement is not None and announcement[0] is self:
+            self._arrived(announcement[1])  # this request is no longer on its way
         self.waiting += n
         await self._queue.put((tensors, n, future))
         return await future
