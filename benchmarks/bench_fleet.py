@@ -275,16 +275,18 @@ def main(argv=None):
     lines = [f"# bench_fleet ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {args.seconds:g} s per "
              "setting; one compute thread per worker, the bare cloud part on as many; clients in one asyncio process, "
              "aiohttp)",
-             "", "| model | runtime | workers | batching | clients | req/s | bare batch 32 just before, inputs/s | ratio | p50 ms | "
-             "p99 ms | non-200 | wrong | inputs per cloud run | connections per worker | server cores | client cores | "
-             "RSS MiB (all processes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| model | runtime | workers | batching | clients | req/s | bare batch 32 just before, inputs/s | "
+             "ratio | p50 ms | p99 ms | non-200 | wrong | inputs per cloud run | connections per worker | "
+             "server cores | client cores | RSS MiB (all processes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for r in entry["runs"]:
             lines.append(f"| {name} | {r['runtime']} | {r['workers']} | {r['batching']} | {r['clients']} | "
                          f"{r['requests_per_s']:.0f} | {r['bare_batch32_before']:.0f} | "
                          f"{r['vs_bare_batch32']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_200']} | "
                          f"{r['wrong_class']} | {r['mean_batch_inputs']:.1f} | "
-                         f"{'/'.join(map(str, r['connections_per_worker'] or [])) or '-'} | {r['server_cores']:.2f} | {r['client_cores']:.2f} | "
+                         f"{'/'.join(map(str, r['connections_per_worker'] or [])) or '-'} | "
+                         f"{r['server_cores']:.2f} | {r['client_cores']:.2f} | "
                          f"{r['server_rss_mib']:.0f} |")
     lines.append("")
     for name, entry in results["models"].items():

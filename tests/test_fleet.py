@@ -187,7 +187,7 @@ def test_a_batch_waits_only_for_requests_still_on_their_way():
         with batcher.expecting():
             await asyncio.sleep(delay)  # reading the body
             out = await batcher.submit([torch.ones(1, 1)])
-            await asyncio.sleep(linger)  # writing the answer: still announced, no longer on its way
+            await asyncio.sleep(linger)  # writing the answer: announced still, no longer on its way
             return out
 
     async def scenario():
