@@ -15,7 +15,8 @@ VERSION = next(
 # `pip install --no-deps earlin_sklearn` first, then these (docs/edge_cloud.rst, "A device without PyTorch")
 EDGE = ["onnxruntime>=1.17", "httpx>=0.27", "pillow>=9"]
 # httptools and uvloop: uvicorn's C HTTP parser and event loop, which it uses when installed (its "standard"
-# extra without the reloader's packages); with them GET /livez served 1.6x the requests/s of h11 and asyncio
+# extra without the reloader's packages); side by side, httptools' parser served GET /livez at 1.3-1.4x h11's
+# requests/s (docs/serving.rst)
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'", "httpx>=0.27",
          "zstandard>=0.22", "prometheus-client>=0.20"]
 EXPORT = ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"]

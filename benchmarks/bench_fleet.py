@@ -181,11 +181,14 @@ async def fleet(url, headers, bodies, expected, clients, seconds, server_pid=Non
 
 
 def batch_counts(url, headers):
-    """``(runs, inputs)`` of the cloud part so far, from the server's ``/metrics`` (summed over its workers)."""
+    """``(runs, inputs)`` of the cloud part so far, from the server's ``/metrics`` (summed over its workers), read
+    with prometheus-client's own parser of the text format."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", headers=headers).text
-    return tuple(float(text.split(f"earlin_batch_inputs_{k} ")[1].split()[0]) for k in ("count", "sum"))
+    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return values["earlin_batch_inputs_count"], values["earlin_batch_inputs_sum"]
 
 
 def main(argv=None):

@@ -3,8 +3,8 @@
 A connection that has not sent a request's complete headers ``seconds``
 after it opened, or after its previous response, is closed. The deadline is
 one mixin over uvicorn's two HTTP/1.1 protocols: httptools' (a C parser, in
-``earlin_sklearn[serve]``; used when installed, it costs far less CPU per
-request: ``GET /livez`` served 1.6x the requests/s on two cores) and h11's
+``earlin_sklearn[serve]``; used when installed, it costs less CPU per
+request: side by side, ``GET /livez`` served 1.3-1.4x h11's requests/s) and h11's
 (pure Python, uvicorn's fallback). A module of its own, so that uvicorn's
 worker processes (``earlin serve-cloud --workers``) import the class by
 name; there the deadline comes from ``$EARLIN_HEADER_TIMEOUT``, which the

@@ -435,20 +435,32 @@ def test_a_manifest_that_disagrees_with_its_files_is_refused_at_start(onnx_split
             create_cloud_app(directory)
 
 
-def test_an_onnx_edge_naming_external_data_is_refused(tmp_path):
-    """An unsigned split whose edge.onnx (rewritten, re-hashed) keeps a weight in a file of its own choosing:
-    refused, and the file is never read (ONNX Runtime, given bytes, has no folder to read it from)."""
+@pytest.mark.parametrize("name", ["edge.onnx", "cloud.onnx"])
+def test_an_onnx_edge_naming_external_data_is_refused(tmp_path, name):
+    """An unsigned split whose edge.onnx or cloud.onnx (rewritten, re-hashed) keeps a weight in a file of its own
+    choosing: refused by the device runtime and by the server in ONNX Runtime, and the file is never read (ONNX
+    Runtime, given bytes, has no folder to read it from)."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, numpy_helper
 
     from earlin_sklearn.edge import load_edge_program
 
+    if name == "cloud.onnx":
+        pytest.importorskip("fastapi")
+        from earlin_sklearn._server import create_cloud_app
+
+        def load(directory):
+            create_cloud_app(directory, runtime="onnxruntime")
+    else:
+        def load(directory):
+            load_edge_program(directory, runtime="onnxruntime")
+
     X, y = make_images(40)
     directory = tmp_path / "split"
     save_split(*ShallowFeatureOODDetector(make_tiny_cnn(), "layer1", device="cpu").fit(X).export_split(), directory,
                torch.from_numpy(X[:2]), formats=("onnx",))
-    model = onnx.load_from_string((directory / "edge.onnx").read_bytes())
+    model = onnx.load_from_string((directory / name).read_bytes())
     weight = next(t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) > 1)
     (directory / "weights.bin").write_bytes(numpy_helper.to_array(weight).tobytes())
     weight.ClearField("raw_data")
@@ -456,10 +468,10 @@ def test_an_onnx_edge_naming_external_data_is_refused(tmp_path):
     weight.data_location = TensorProto.EXTERNAL
     for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", str((directory / "weights.bin").stat().st_size))):
         weight.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
-    (directory / "edge.onnx").write_bytes(model.SerializeToString())
-    rewrite_manifest(directory, files=["edge.onnx"])
-    with pytest.raises(SplitVerificationError, match="edge.onnx: ONNX Runtime cannot load it"):
-        load_edge_program(directory, runtime="onnxruntime")
+    (directory / name).write_bytes(model.SerializeToString())
+    rewrite_manifest(directory, files=[name])
+    with pytest.raises(SplitVerificationError, match=f"{name}: ONNX Runtime cannot load it"):
+        load(directory)
 
 
 @pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "declared sizes"])
