@@ -226,6 +226,106 @@ def test_the_batcher_without_announcements_waits_its_window():
     asyncio.run(scenario())
 
 
+def test_a_batch_is_handed_to_its_thread_with_the_loops_core(monkeypatch):
+    """The loop blocks until the batch's worker thread has started (bounded): with a bound of seconds, the thread
+    has always started by the time the loop goes on; with the worker busy, the loop goes on after the bound."""
+    import concurrent.futures
+    import time
+
+    from earlin_sklearn import _batching
+
+    started = []
+
+    def compute(tensors):
+        started.append(threading.get_ident())
+        return tensors[0] + 1
+
+    async def handed_off():
+        task = asyncio.ensure_future(_batching.run_handed_off(compute, [torch.ones(1)]))
+        await asyncio.sleep(0)  # the task runs up to its await
+        assert started and started[0] != threading.get_ident()  # begun, in another thread
+        assert torch.equal(await task, torch.full((1,), 2.0))
+
+    monkeypatch.setattr(_batching, "HANDOFF_SECONDS", 10.0)
+    asyncio.run(handed_off())
+
+    async def worker_busy():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        gate = threading.Event()
+        blocker = loop.run_in_executor(None, gate.wait)  # the only worker thread is taken
+        threading.Timer(3.0, gate.set).start()
+        t0 = time.perf_counter()
+        task = asyncio.ensure_future(_batching.run_handed_off(compute, [torch.ones(1)]))
+        await asyncio.sleep(0)
+        assert time.perf_counter() - t0 < 1.5 and not task.done()  # the loop went on after the bound
+        gate.set()
+        await blocker
+        assert torch.equal(await task, torch.full((1,), 2.0))
+
+    monkeypatch.setattr(_batching, "HANDOFF_SECONDS", 0.2)
+    asyncio.run(worker_busy())
+
+
+def test_the_hot_routes_answer_as_the_whole_stack_does(split):
+    """/v1/activations is answered without FastAPI's middleware stack; its answers, errors and counts are the
+    stack's, and a middleware added later applies to it (the app then takes the whole stack)."""
+    from fastapi.testclient import TestClient
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    body = encode([torch.from_numpy(p[:1]) for p in split["payloads"]], "float32")
+    requests = [(body, _headers(split["manifest"])),  # 200
+                (body, {**_headers(split["manifest"]), "Authorization": "Bearer wrong"}),  # 401, WWW-Authenticate
+                (body, _headers(split["manifest"], batch=0)),  # 400
+                (body[:-4], _headers(split["manifest"]))]  # 400: the body does not fit
+
+    stacks = []
+
+    def answers(app):
+        client = TestClient(app, raise_server_exceptions=False)
+        out = []
+        for content, headers in requests:
+            r = client.post("/v1/activations", content=content, headers=headers)
+            answer = r.json()
+            answer.pop("cloud_ms", None)
+            out.append((r.status_code, r.headers.get("www-authenticate"), r.headers["content-type"], answer))
+        stacks.append(app.middleware_stack)  # None while no request went through the stack
+        metrics = client.get("/metrics", headers=_headers(split["manifest"])).text
+        return out, metrics
+
+    lean_app = create_cloud_app(split["dir"], token=TOKEN)
+    lean, lean_metrics = answers(lean_app)
+    stacked_app = create_cloud_app(split["dir"], token=TOKEN)
+    seen = []
+
+    async def note_path(request, call_next):
+        seen.append(request.url.path)
+        return await call_next(request)
+
+    stacked_app.add_middleware(BaseHTTPMiddleware, dispatch=note_path)
+    stacked, stacked_metrics = answers(stacked_app)
+    assert seen.count("/v1/activations") == len(requests)  # the added middleware saw every hot request
+    assert stacks[0] is None and stacks[1] is not None  # the lean app answered them without its stack
+    assert [a[0] for a in lean] == [200, 401, 400, 400] and lean[1][1] == "Bearer"
+    assert lean == stacked
+    for status, n in (("200", 1), ("401", 1), ("400", 2)):
+        line = f'earlin_requests_total{{route="/v1/activations",status="{status}"}} {n:.1f}'
+        assert line in lean_metrics and line in stacked_metrics
+
+    # an unexpected error: a plain 500, counted, and raised to the server's log
+    def broken(tensors):
+        raise RuntimeError("the cloud part broke")
+
+    lean_app.state.batchers["activations"].compute = broken
+    client = TestClient(lean_app, raise_server_exceptions=False)
+    r = client.post("/v1/activations", content=body, headers=_headers(split["manifest"]))
+    assert (r.status_code, r.text) == (500, "Internal Server Error")
+    with pytest.raises(RuntimeError, match="broke"):
+        TestClient(lean_app).post("/v1/activations", content=body, headers=_headers(split["manifest"]))
+    metrics = client.get("/metrics", headers=_headers(split["manifest"])).text
+    assert 'earlin_requests_total{route="/v1/activations",status="500"} 2.0' in metrics
+
+
 def test_drift_alarms_catch_a_drop_and_stay_quiet_at_the_target():
     """A device at the target TPR for 2,000 reports of 100 inputs: false alarms counted (the bound is 3 tests x
     alpha x 2,000 = 0.6 expected); a device whose acceptance drops from 95% to 60%: alarmed at its first report."""

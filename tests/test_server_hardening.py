@@ -81,6 +81,20 @@ def test_slow_headers_are_cut_off(split_dir, protocol):
             t0 = time.time()
             assert sock.recv(100) == b""  # closed by the server...
             assert time.time() - t0 < 5  # ...after the header deadline, not never
+        # on a keep-alive connection, the deadline starts again after each response
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for _ in range(2):
+                time.sleep(0.3)  # each request within the deadline, the two together past it
+                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = b""
+                while not reply.endswith(b'"ok"}'):
+                    chunk = sock.recv(1000)
+                    assert chunk, "closed while a request was in time"
+                    reply += chunk
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # the next request's headers never end
+            t0 = time.time()
+            assert sock.recv(100) == b""
+            assert time.time() - t0 < 3  # the header deadline (0.5 s), not uvicorn's keep-alive timeout (5 s)
         # a normal client on the same server, with keep-alive across requests, is served
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             for _ in range(3):
