@@ -15,26 +15,14 @@ own error and never fails its batch-mates; if the batched run itself raises,
 each request is run alone so that only the one at fault fails. The queue is
 bounded (``max_queue`` inputs): past it, :class:`QueueFull` (the server
 answers 503 with ``Retry-After``, which the edge runner retries).
-
-Each batch is handed to its worker thread with the event loop's core: the
-loop blocks (at most :data:`HANDOFF_SECONDS`) until the thread has started.
-Otherwise the thread, woken while the loop and the clients hold both cores
-of a small machine, started 1.0-1.3 ms (median) after the batch was ready
-and the compute thread sat idle a fifth of the time (a trace of the fleet
-benchmark's 32 clients on 2 cores, ``docs/serving.rst``); handed off, it
-starts within about 0.15 ms.
 """
 
 import asyncio
 import contextlib
 import contextvars
-import threading
 import time
 
 import torch
-
-HANDOFF_SECONDS = 0.001
-"""Longest the event loop blocks while a batch's worker thread starts (see the module's docstring)."""
 
 # the announcement of the request this task serves: (batcher, [still counted in its arriving])
 _ANNOUNCEMENT = contextvars.ContextVar("earlin_batcher_announcement", default=None)
@@ -155,7 +143,7 @@ class DynamicBatcher:
         try:
             joined = live[0][0] if len(live) == 1 else [torch.cat([t[i] for t, _, _ in live])
                                                        for i in range(len(live[0][0]))]
-            out = await run_handed_off(self.compute, joined)
+            out = await asyncio.to_thread(self.compute, joined)
         except Exception as exc:
             if len(live) == 1:
                 _settle(live[0][2], exc)
@@ -163,7 +151,7 @@ class DynamicBatcher:
                 for tensors, n, future in live:
                     t1 = time.perf_counter()
                     try:
-                        _settle(future, result=(await run_handed_off(self.compute, tensors),
+                        _settle(future, result=(await asyncio.to_thread(self.compute, tensors),
                                                 time.perf_counter() - t1, n))
                     except Exception as alone:
                         _settle(future, alone)
@@ -176,22 +164,6 @@ class DynamicBatcher:
             rows = _rows(out, start, start + n)
             start += n
             _settle(future, result=(rows, seconds, size))
-
-
-async def run_handed_off(compute, tensors):
-    """``compute(tensors)`` in a worker thread of the loop's default executor (as :func:`asyncio.to_thread`),
-    blocking the loop until that thread has started, for at most :data:`HANDOFF_SECONDS`: the loop's core
-    goes to the thread at once instead of when the scheduler next looks (the module's docstring)."""
-    started = threading.Event()
-    context = contextvars.copy_context()
-
-    def run():
-        started.set()
-        return context.run(compute, tensors)
-
-    future = asyncio.get_running_loop().run_in_executor(None, run)
-    started.wait(HANDOFF_SECONDS)
-    return await future
 
 
 def _settle(future, exc=None, result=None):

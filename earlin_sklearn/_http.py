@@ -23,47 +23,41 @@ logger = logging.getLogger("earlin_sklearn._server")
 
 
 class HeaderTimeout:
-    """The deadline, over a uvicorn protocol that sets ``self.cycle`` once a request's headers are parsed.
-
-    One timer per connection, not one per request: a response's completion
-    only notes the time (the hot path of a keep-alive connection creates and
-    cancels no timer handle), and the timer, when it fires, closes the
-    connection if it is still waiting for headers past the deadline, or sets
-    itself again for the time left.
-    """
+    """The deadline, over a uvicorn protocol that sets ``self.cycle`` once a request's headers are parsed."""
 
     seconds = float(os.environ.get(HEADER_TIMEOUT_ENV, "10"))
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self._header_timer = None
         self._arm()
 
     def _arm(self):
-        """Start the wait for the next request's headers now."""
-        self._waiting_since = self.loop.time()
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_at(self._waiting_since + self.seconds, self._expire)
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.seconds, self._expire)
+
+    def _disarm(self):
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        self._header_timer = None
 
     def _expire(self):
         self._header_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request under way: headers too slow
+            logger.info("closing a connection that sent no complete request headers in %s s", self.seconds)
+            self.transport.close()
+
+    def data_received(self, data):
+        super().data_received(data)
         if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request is under way (the body has its own deadline); its response re-arms
-        left = self._waiting_since + self.seconds - self.loop.time()
-        if left > 0:  # a later request completed since the timer was set: wait the time left
-            self._header_timer = self.loop.call_later(left, self._expire)
-            return
-        logger.info("closing a connection that sent no complete request headers in %s s", self.seconds)
-        self.transport.close()
+            self._disarm()  # headers complete: the body has its own deadline (body_timeout)
 
     def on_response_complete(self):
         super().on_response_complete()
         self._arm()
 
     def connection_lost(self, exc):
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._disarm()
         super().connection_lost(exc)
 
 

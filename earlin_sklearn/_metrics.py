@@ -108,33 +108,21 @@ class RequestLog:
         return out
 
 
-class RequestCounts:
-    """Counts every answered HTTP request by route and status, with its latency (``requests_total``,
-    ``request_seconds``, and the status page's :class:`RequestLog`).
+class MetricsMiddleware:
+    """ASGI middleware counting every HTTP request by route and status, with its latency.
 
     ``routes``: the app's own paths, the only label values (any other path counts as ``other``).
+    ``log``: a :class:`RequestLog` that also keeps each request, for the status page.
     """
 
-    def __init__(self, metrics, routes, log=None):
-        self.metrics, self.routes, self.log = metrics, frozenset(routes), log
-
-    def note(self, path, status, seconds):
-        route = path if path in self.routes else "other"  # bounded label values, whatever paths clients try
-        self.metrics.requests.labels(route, str(status)).inc()
-        self.metrics.request_seconds.labels(route).observe(seconds)
-        if self.log is not None:
-            self.log.add(route, seconds, status)
-
-
-class MetricsMiddleware:
-    """ASGI middleware noting every HTTP request in ``counts`` (a :class:`RequestCounts`)."""
-
-    def __init__(self, app, counts):
-        self.app, self.counts = app, counts
+    def __init__(self, app, metrics, routes, log=None):
+        self.app, self.metrics, self.routes, self.log = app, metrics, frozenset(routes), log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        route = scope.get("path", "")
+        route = route if route in self.routes else "other"  # bounded label values, whatever paths clients try
         status = {"code": 500}
         t0 = time.perf_counter()
 
@@ -146,4 +134,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.counts.note(scope.get("path", ""), status["code"], time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.request_seconds.labels(route).observe(seconds)
+            if self.log is not None:
+                self.log.add(route, seconds, status["code"])

@@ -6,7 +6,6 @@ Python wheels (``pip install earlin_sklearn[serve]``).
 """
 
 import base64
-import functools
 import importlib.util
 import json
 import logging
@@ -25,7 +24,7 @@ from ._cloud_onnx import check_runtime, onnx_parts
 from ._constants import COMPRESSIONS, HEADER_TIMEOUT_ENV, IMAGE_FORMATS
 from ._drift import DriftMonitor, TooManyDevices
 from ._export import load_split
-from ._metrics import MULTIPROC_ENV, MetricsMiddleware, RequestCounts, RequestLog, ServerMetrics
+from ._metrics import MULTIPROC_ENV, MetricsMiddleware, RequestLog, ServerMetrics
 from ._openapi import add_security_scheme, get_route, post_route, report_route
 from ._status import render_status
 from .edge._wire import (DEVICE_ID, ENCODINGS, HEADER_BATCH, HEADER_COMPRESSION, HEADER_ENCODING, HEADER_VERSION,
@@ -89,9 +88,6 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     Returns
     -------
     app : fastapi.FastAPI
-        A FastAPI app whose two inference routes are answered without its
-        middleware stack while that stack is the one built here (a
-        middleware or exception handler added later applies to every route).
 
     Notes
     -----
@@ -146,7 +142,7 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
         raise ValueError(f"max_queue ({max_queue}) must be at least max_batch ({max_batch}): a request of max_batch "
                          "inputs could never be queued.")
     require("create_cloud_app", "serve", "fastapi", "prometheus_client")
-    from fastapi import HTTPException, Request, Response
+    from fastapi import FastAPI, HTTPException, Request, Response
     from fastapi.responses import JSONResponse
     from fastapi.concurrency import run_in_threadpool
 
@@ -170,7 +166,7 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
     max_bytes = min(int(max_bytes), max(encoded_size(payload_shapes, max_batch, "float32"),
                                         encoded_size([input_shape], max_batch, "float32")))
     show_docs = token is None if docs is None else bool(docs)
-    app = lean_app_class()(title="earlin cloud", version=version, docs_url="/docs" if show_docs else None,
+    app = FastAPI(title="earlin cloud", version=version, docs_url="/docs" if show_docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if show_docs else None)
 
     def check_token(request, browser=False):
@@ -404,69 +400,10 @@ def create_cloud_app(split_dir: "str | os.PathLike[str]", token: "str | None" = 
 
     app.state.metrics, app.state.batchers, app.state.trimmer, app.state.monitor = metrics, batchers, trimmer, monitor
     app.state.parts = (edge, cloud)  # what runs them: the PyTorch programs or the ONNX Runtime sessions
-    counts = RequestCounts(metrics, {getattr(route, "path") for route in app.routes}, log=request_log)
-    app.add_middleware(MetricsMiddleware, counts=counts)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={getattr(route, "path") for route in app.routes},
+                       log=request_log)
     add_security_scheme(app)
-    app.go_lean({"/v1/activations": activations, "/v1/raw": raw}, counts)
     return app
-
-
-@functools.cache
-def lean_app_class():
-    """A :class:`fastapi.FastAPI` that answers its hot routes (``go_lean``) itself, without the middleware stack.
-
-    Per request, FastAPI's stack (server errors, exception handlers, body
-    limits, the metrics middleware, the router, the route) cost about a fifth
-    of the event loop's time on the inference routes (py-spy, 32 clients), and
-    the event loop's time per request is on the path of every batch
-    (``docs/serving.rst``). The hot path keeps what those layers do for these
-    routes: an ``HTTPException`` is answered by FastAPI's own
-    handler, any other error by a plain 500 (then raised to uvicorn's log, as
-    Starlette's ``ServerErrorMiddleware`` does), and every request is counted
-    in ``/metrics``. It is taken only while the app's middleware, exception
-    handlers and ``root_path`` are as :func:`create_cloud_app` left them: a
-    middleware or handler added later applies to every route, as a user
-    expects, through the whole stack.
-    """
-    import time
-
-    from fastapi import FastAPI, HTTPException
-    from fastapi.exception_handlers import http_exception_handler
-    from starlette.requests import Request
-    from starlette.responses import PlainTextResponse
-
-    class LeanApp(FastAPI):
-        _lean = None  # (path -> endpoint, counts, middleware, exception handlers) once go_lean is called
-
-        def go_lean(self, endpoints, counts):
-            """Answer POSTs to these paths with ``endpoints[path](request) -> Response``, noting them in ``counts``
-            (a :class:`RequestCounts`), while the stack stays as it is now."""
-            self._lean = (dict(endpoints), counts, list(self.user_middleware), dict(self.exception_handlers))
-
-        async def __call__(self, scope, receive, send):
-            lean = self._lean
-            endpoint = None
-            if lean is not None and scope["type"] == "http" and scope["method"] == "POST":
-                endpoint = lean[0].get(scope["path"])
-            if (endpoint is None or self.root_path or self.user_middleware != lean[2]
-                    or self.exception_handlers != lean[3]):
-                return await super().__call__(scope, receive, send)
-            t0, status = time.perf_counter(), 500
-            request = Request(scope, receive, send)
-            try:
-                try:
-                    response = await endpoint(request)
-                except HTTPException as exc:
-                    response = await http_exception_handler(request, exc)
-                except Exception:
-                    await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
-                    raise
-                status = response.status_code
-                await response(scope, receive, send)
-            finally:
-                lean[1].note(scope["path"], status, time.perf_counter() - t0)
-
-    return LeanApp
 
 
 def lean_route():
